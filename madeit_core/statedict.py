@@ -1,0 +1,102 @@
+"""State-dict helpers: validation of fine-tuned models against the pre-trained one, task vectors.
+
+Bad input is caught here, before any method writes anything: mismatched key sets or shapes, NaN
+or Inf, non-float tensors that differ from the pre-trained ones, and mixed dtypes. Half-precision
+tensors (bf16/fp16) are promoted to fp32 for the arithmetic; :func:`cast_like` returns results in
+the input dtype.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+from madeit_core.errors import MergeInputError
+
+StateDict = dict[str, torch.Tensor]
+ModelLike = nn.Module | Mapping[str, torch.Tensor]
+
+
+def as_state_dict(model: ModelLike, name: str = "model") -> StateDict:
+    """The tensors of ``model`` (an ``nn.Module`` or a mapping), detached, on their device."""
+    if isinstance(model, nn.Module):
+        sd = model.state_dict()
+    elif isinstance(model, Mapping):
+        sd = dict(model)
+    else:
+        raise MergeInputError(f"{name}: expected an nn.Module or a state dict, got {type(model).__name__}")
+    for k, v in sd.items():
+        if not isinstance(v, torch.Tensor):
+            raise MergeInputError(f"{name}: entry {k!r} is a {type(v).__name__}, not a tensor")
+    return {k: v.detach() for k, v in sd.items()}
+
+
+def check_compatible(pretrained: Mapping[str, torch.Tensor], finetuned: Mapping[str, torch.Tensor],
+                     name: str = "fine-tuned model") -> None:
+    """Raise :class:`MergeInputError` unless ``finetuned`` can be merged against ``pretrained``.
+
+    Checks, in order: same key set (names the first missing and unexpected keys), same shapes
+    (names the key and both shapes), same dtypes (names the key and both dtypes), float tensors
+    free of NaN/Inf, and non-float tensors (integer buffers) equal to the pre-trained ones.
+    """
+    pk, fk = set(pretrained), set(finetuned)
+    if pk != fk:
+        missing = sorted(pk - fk)[:5]
+        extra = sorted(fk - pk)[:5]
+        raise MergeInputError(
+            f"{name}: key set differs from the pre-trained model; missing {missing}"
+            f"{' …' if len(pk - fk) > 5 else ''}, unexpected {extra}{' …' if len(fk - pk) > 5 else ''}")
+    for k in pretrained:
+        a, b = pretrained[k], finetuned[k]
+        if a.shape != b.shape:
+            raise MergeInputError(
+                f"{name}: shape mismatch at {k!r}: pre-trained {tuple(a.shape)} vs {tuple(b.shape)}")
+        if a.dtype != b.dtype:
+            raise MergeInputError(
+                f"{name}: dtype mismatch at {k!r}: pre-trained {a.dtype} vs {b.dtype} (mixed dtypes)")
+        if b.is_floating_point():
+            if not torch.isfinite(b).all():
+                raise MergeInputError(f"{name}: NaN or Inf in {k!r}")
+        elif b.is_complex():
+            raise MergeInputError(f"{name}: complex tensor at {k!r} cannot be merged")
+        elif not torch.equal(a, b):
+            raise MergeInputError(
+                f"{name}: non-float tensor {k!r} ({b.dtype}) differs from the pre-trained one; "
+                "only floating-point tensors can be merged")
+
+
+def check_pretrained(pretrained: Mapping[str, torch.Tensor]) -> None:
+    if not pretrained:
+        raise MergeInputError("pre-trained model: empty state dict")
+    for k, v in pretrained.items():
+        if v.is_floating_point() and not torch.isfinite(v).all():
+            raise MergeInputError(f"pre-trained model: NaN or Inf in {k!r}")
+
+
+def compute_dtype(t: torch.Tensor) -> torch.dtype:
+    """The dtype arithmetic on ``t`` is done in: fp32 for half types, else its own."""
+    return torch.float32 if t.dtype in (torch.float16, torch.bfloat16) else t.dtype
+
+
+def task_vector(pretrained: Mapping[str, torch.Tensor], finetuned: Mapping[str, torch.Tensor],
+                keys: list[str] | None = None) -> StateDict:
+    """τ = θ_t − θ_0 over float entries (in fp32 for half types)."""
+    out: StateDict = {}
+    for k in keys if keys is not None else pretrained:
+        a = pretrained[k]
+        if not a.is_floating_point():
+            continue
+        dt = compute_dtype(a)
+        out[k] = finetuned[k].to(dt) - a.to(dt)
+    return out
+
+
+def cast_like(values: Mapping[str, torch.Tensor], reference: Mapping[str, torch.Tensor]) -> StateDict:
+    """Cast each tensor to the dtype and device of the entry of the same name in ``reference``."""
+    return {k: v.to(dtype=reference[k].dtype, device=reference[k].device) for k, v in values.items()}
+
+
+def float_keys(sd: Mapping[str, torch.Tensor]) -> list[str]:
+    return [k for k, v in sd.items() if v.is_floating_point()]
