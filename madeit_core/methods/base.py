@@ -106,6 +106,12 @@ class ContinualMethod(ABC):
     def merged_model(self) -> nn.Module:
         """A model to evaluate now (images → features), on ``ctx.device``."""
 
+    def model_for_task(self, task: str) -> nn.Module:
+        """The model the protocol evaluates on ``task``. Every merging method returns its one
+        merged model (task-agnostic inference); only the non-merging reference rows (e.g. the
+        individual fine-tuned models) override this."""
+        return self.merged_model()
+
     # ----------------------------------------------------------------- state
     def hparams(self) -> dict[str, Any]:
         """Hyper-parameters, for results files."""
