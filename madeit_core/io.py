@@ -78,7 +78,8 @@ def save_tensors(path: str | os.PathLike[str], tensors: Mapping[str, torch.Tenso
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     os.close(fd)
     try:
-        contiguous = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+        # clone: safetensors refuses tensors that share storage (views of one parameter)
+        contiguous = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
         save_file(contiguous, tmp, metadata=dict(metadata) if metadata else None)
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
