@@ -241,6 +241,8 @@ def run_continual(spec: RunSpec, bench: Benchmark, out_dir: str | os.PathLike[st
             if "routing_accuracy" in res:
                 final_routing[t] = res["routing_accuracy"]
     t_final = time.perf_counter() - t0
+    if steps and steps[-1].get("routing_accuracy"):
+        final_routing = {**steps[-1]["routing_accuracy"], **final_routing}
     ACC, BWT = acc_bwt(acc)
     _, meta = method.state()
     results = {
