@@ -10,7 +10,9 @@ from madeit_core import paper_values as pv
 
 # Rows whose 20 per-task values (Tables 4-6) do not average to the Table 1 ACC: inconsistencies of
 # the paper itself, reported in the book. Every other row agrees to rounding.
-PAPER_INCONSISTENT = {("ViT-B/32", "C. Task Arithmetic"), ("ViT-B/32", "C. LW AdaMerging"), ("ViT-B/32", "OPCM")}
+# Rounding each value to 0.1 bounds the honest gap at 0.1.
+PAPER_INCONSISTENT = {("ViT-B/32", "C. Task Arithmetic"), ("ViT-B/32", "C. LW AdaMerging"), ("ViT-B/32", "OPCM"),
+                      ("ViT-B/16", "MINGLE")}
 
 
 @pytest.mark.parametrize("arch", pv.ARCHS)
@@ -23,9 +25,9 @@ def test_per_task_tables_average_to_table1(arch: str) -> None:
         else:
             ref = pv.TABLE1_REFERENCE[method][f"{arch}|20"]
         if (arch, method) in PAPER_INCONSISTENT:
-            assert abs(mean - ref) > 0.3
+            assert abs(mean - ref) > 0.1
         else:
-            assert mean == pytest.approx(ref, abs=0.15), (arch, method)
+            assert mean == pytest.approx(ref, abs=0.1), (arch, method)
 
 
 def test_table2_subspace_row_is_table1_made_it_8_tasks() -> None:
