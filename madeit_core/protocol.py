@@ -261,6 +261,7 @@ def run_continual(spec: RunSpec, bench: Benchmark, out_dir: str | os.PathLike[st
                      "finished_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
     }
     if path is not None:
+        method.save_artifacts(path.with_suffix(".artifacts"))
         write_json(path, results)
         for f in (partial, state_file):
             if f is not None and f.exists():
@@ -285,5 +286,7 @@ def remove_run(out_dir: str | os.PathLike[str], spec: RunSpec) -> None:
     for f in (path, path.with_suffix(".partial.json"), path.with_suffix(".state.safetensors")):
         if f.exists():
             f.unlink()
+    if path.with_suffix(".artifacts").is_dir():
+        shutil.rmtree(path.with_suffix(".artifacts"))
     if path.parent.exists() and not any(path.parent.iterdir()):
         shutil.rmtree(path.parent)

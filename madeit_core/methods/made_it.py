@@ -7,6 +7,7 @@ evaluate is θ0 wrapped with the bank for routed inference (:mod:`madeit_core.ro
 from __future__ import annotations
 
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -49,6 +50,10 @@ class MadeIt(ContinualMethod):
         if self._routed is None:
             self._routed = RoutedModel(self.pretrained.to(self.ctx.device), self.bank, self.aggregation)
         return self._routed
+
+    def save_artifacts(self, folder: str | Path) -> None:
+        assert self.bank is not None
+        self.bank.save(folder)
 
     def hparams(self) -> dict[str, Any]:
         return {**asdict(self.config), "aggregation": self.aggregation}
