@@ -109,8 +109,9 @@ def _cmd_inspect(a: argparse.Namespace) -> int:
 
 def _cmd_run(a: argparse.Namespace) -> int:
     from madeit_core.benchmarks import make_benchmark
-    from madeit_core.protocol import RunSpec, remove_run, run_continual
+    from madeit_core.protocol import RunSpec, remove_run, resolve_device, run_continual
 
+    a.device = resolve_device(a.device)
     bench, group_tasks = make_benchmark(a.benchmark, a.group, profile=a.profile, device=a.device)
     hp = json.loads(a.hparams) if a.hparams else {}
     for r in a.runs:
@@ -159,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--runs", type=_runs, default=[0], help="run indices: '0..9' or '0,3'")
     r.add_argument("--hparams", help="JSON dict of method hyper-parameters")
     r.add_argument("--out", default="runs")
-    r.add_argument("--device", default="cpu")
+    r.add_argument("--device", default="auto", help="auto (cuda when present), cpu or cuda")
     r.add_argument("--eval-seen", action="store_true", help="evaluate all seen tasks after every step")
     r.add_argument("--force", action="store_true", help="discard earlier results and resume files")
     r.set_defaults(func=_cmd_run)

@@ -91,6 +91,13 @@ def acc_bwt(acc: Sequence[Sequence[float | None]]) -> tuple[float, float]:
     return ACC, BWT
 
 
+def resolve_device(device: str = "auto") -> str:
+    """``auto`` → ``cuda`` when a GPU is present, else ``cpu``; anything else is returned as is."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
 def hardware() -> dict[str, Any]:
     info: dict[str, Any] = {"platform": platform.platform(), "machine": platform.machine(),
                             "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
@@ -171,6 +178,7 @@ def run_continual(spec: RunSpec, bench: Benchmark, out_dir: str | os.PathLike[st
     (``<file>.partial.json`` and ``<file>.state.safetensors``) and a later call with the same spec
     resumes from them. ``stop_after`` ends the run after that many steps (simulates a kill).
     """
+    device = resolve_device(device)
     order = spec.order()
     T = len(order)
     if T == 0:
