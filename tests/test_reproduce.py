@@ -56,3 +56,26 @@ def test_pairwise_scores(bench: ToyBenchmark) -> None:
             assert out["affinity"][i][j] == out["affinity"][j][i]
     assert all(0 <= a <= 1 + 1e-9 for a in out["affinity_scores"])
     assert all(-1 - 1e-9 <= c <= 1 + 1e-9 for c in out["cosine_scores"])
+
+
+def test_plots_draw(bench: ToyBenchmark, tmp_path: Path) -> None:
+    from madeit_core import plots
+    from madeit_core.methods import get_method
+    from madeit_core.methods.base import MergeContext
+
+    m = get_method("made_it", rank_ratio=0.5)
+    m.setup(bench.pretrained(), MergeContext(modules=bench.modules()))
+    for t in bench.tasks:
+        m.absorb(t, bench.finetuned(t))
+    keys, tasks, rows = allocation_matrix(m.bank)
+    figs = [plots.allocation_figure(keys, tasks, rows, max_modules=6)]
+    g = experts_by_group(m.bank)
+    figs.append(plots.experts_bar_figure(g["by_group"], g["by_depth"], g["T"]))
+    figs.append(plots.score_density_figure([0.1, 0.5, 0.9], [0.0, 0.01, -0.02]))
+    figs.append(plots.heatmap_pair_figure(tasks, [[1, 0.5, 0.2]] * 3, [[1, 0.0, 0.1]] * 3))
+    figs.append(plots.sensitivity_figure([0.1, 0.2], [(50, 1), (55, 2)], [(-3, 1), (-2, 1)], "ρ", experts=[2, 3]))
+    for i, f in enumerate(figs):
+        f.savefig(tmp_path / f"f{i}.png")
+        assert (tmp_path / f"f{i}.png").stat().st_size > 1000
+    md = plots.table_markdown([{"a": 1, "b": 2}], ["a", "b"])
+    assert md.splitlines()[2] == "| 1 | 2 |"
