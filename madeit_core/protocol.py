@@ -91,6 +91,13 @@ def acc_bwt(acc: Sequence[Sequence[float | None]]) -> tuple[float, float]:
     return ACC, BWT
 
 
+def resolve_device(device: str = "auto") -> str:
+    """``auto`` → ``cuda`` when a GPU is present, else ``cpu``; anything else is returned as is."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
 def hardware() -> dict[str, Any]:
     info: dict[str, Any] = {"platform": platform.platform(), "machine": platform.machine(),
                             "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
@@ -171,6 +178,7 @@ def run_continual(spec: RunSpec, bench: Benchmark, out_dir: str | os.PathLike[st
     (``<file>.partial.json`` and ``<file>.state.safetensors``) and a later call with the same spec
     resumes from them. ``stop_after`` ends the run after that many steps (simulates a kill).
     """
+    device = resolve_device(device)
     order = spec.order()
     T = len(order)
     if T == 0:
@@ -241,6 +249,8 @@ def run_continual(spec: RunSpec, bench: Benchmark, out_dir: str | os.PathLike[st
             if "routing_accuracy" in res:
                 final_routing[t] = res["routing_accuracy"]
     t_final = time.perf_counter() - t0
+    if steps and steps[-1].get("routing_accuracy"):
+        final_routing = {**steps[-1]["routing_accuracy"], **final_routing}
     ACC, BWT = acc_bwt(acc)
     _, meta = method.state()
     results = {
@@ -259,6 +269,7 @@ def run_continual(spec: RunSpec, bench: Benchmark, out_dir: str | os.PathLike[st
                      "finished_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
     }
     if path is not None:
+        method.save_artifacts(path.with_suffix(".artifacts"))
         write_json(path, results)
         for f in (partial, state_file):
             if f is not None and f.exists():
@@ -283,5 +294,7 @@ def remove_run(out_dir: str | os.PathLike[str], spec: RunSpec) -> None:
     for f in (path, path.with_suffix(".partial.json"), path.with_suffix(".state.safetensors")):
         if f.exists():
             f.unlink()
+    if path.with_suffix(".artifacts").is_dir():
+        shutil.rmtree(path.with_suffix(".artifacts"))
     if path.parent.exists() and not any(path.parent.iterdir()):
         shutil.rmtree(path.parent)

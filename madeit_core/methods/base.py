@@ -16,6 +16,7 @@ import hashlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -111,6 +112,10 @@ class ContinualMethod(ABC):
         merged model (task-agnostic inference); only the non-merging reference rows (e.g. the
         individual fine-tuned models) override this."""
         return self.merged_model()
+
+    def save_artifacts(self, folder: str | Path) -> None:
+        """Write what the figures need beyond the results file (MADE-IT: its bank). No-op here."""
+        return None
 
     # ----------------------------------------------------------------- state
     def hparams(self) -> dict[str, Any]:

@@ -1,0 +1,135 @@
+"""Verdicts on the paper's claims, computed from our results (the book states them, never types them).
+
+Each function returns ``{"verdict": "reproduced" | "partly" | "not reproduced", "evidence": str,
+...numbers}``. The rules are stated in each docstring so a reader can check them.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+REPRODUCED, PARTLY, NOT = "reproduced", "partly", "not reproduced"
+
+
+def _spearman(x: Sequence[float], y: Sequence[float]) -> float:
+    def ranks(v: Sequence[float]) -> list[float]:
+        order = sorted(range(len(v)), key=lambda i: v[i])
+        r = [0.0] * len(v)
+        i = 0
+        while i < len(order):
+            j = i
+            while j + 1 < len(order) and v[order[j + 1]] == v[order[i]]:
+                j += 1
+            for k in range(i, j + 1):
+                r[order[k]] = (i + j) / 2
+            i = j + 1
+        return r
+
+    rx, ry = ranks(x), ranks(y)
+    if len(set(rx)) < 2 or len(set(ry)) < 2:
+        return 0.0
+    return statistics.correlation(rx, ry)
+
+
+def beats_rivals(rows: Sequence[Mapping[str, Any]], ours: str = "MADE-IT",
+                 rivals: Sequence[str] | None = None) -> dict[str, Any]:
+    """Claim: MADE-IT has the best ACC of all merging methods, in every group.
+
+    Rule: per group, MADE-IT's mean ACC is compared with each rival's. Reproduced when it is the
+    best in every group; partly when it is the best in some group or beats most rivals overall;
+    not reproduced otherwise. Reference rows (pre-trained, individual fine-tuned) are excluded by
+    passing ``rivals``.
+    """
+    groups = sorted({r["group"] for r in rows})
+    wins, comparisons, best_in = 0, 0, []
+    detail = {}
+    for g in groups:
+        in_g = {r["method"]: r for r in rows if r["group"] == g}
+        if ours not in in_g:
+            continue
+        others = [m for m in in_g if m != ours and (rivals is None or m in rivals)]
+        beaten = [m for m in others if in_g[ours]["ACC"] > in_g[m]["ACC"]]
+        wins += len(beaten)
+        comparisons += len(others)
+        if others and len(beaten) == len(others):
+            best_in.append(g)
+        best_rival = max(others, key=lambda m: in_g[m]["ACC"]) if others else None
+        detail[g] = {"ours": in_g[ours]["ACC"], "best_rival": best_rival,
+                     "best_rival_acc": in_g[best_rival]["ACC"] if best_rival else None,
+                     "beaten": len(beaten), "rivals": len(others)}
+    if comparisons == 0:
+        return {"verdict": NOT, "evidence": "no comparable results", "groups": detail}
+    if len(best_in) == len(detail):
+        verdict = REPRODUCED
+    elif best_in or wins > comparisons / 2:
+        verdict = PARTLY
+    else:
+        verdict = NOT
+    parts = [f"{g}: {d['ours']:.1f} vs best rival {d['best_rival']} {d['best_rival_acc']:.1f} "
+             f"(beats {d['beaten']}/{d['rivals']})" for g, d in detail.items()]
+    return {"verdict": verdict, "evidence": "; ".join(parts), "groups": detail, "wins": wins,
+            "comparisons": comparisons}
+
+
+def generic_to_specific(by_depth: Mapping[int, Mapping[str, float]],
+                        by_group: Mapping[str, Mapping[str, float]] | None = None) -> dict[str, Any]:
+    """Claim: early layers share experts, deep layers specialise (experts kept grow with depth).
+
+    Rule: Spearman correlation ρ_s between depth and mean experts kept. Reproduced when
+    ρ_s ≥ 0.5, partly when 0 < ρ_s < 0.5, not reproduced when ρ_s ≤ 0.
+    """
+    depths = [d for d in by_depth if d >= 0]
+    if len(depths) < 2:
+        return {"verdict": NOT, "evidence": "fewer than two depths", "spearman": None}
+    rho = _spearman(depths, [by_depth[d]["experts_mean"] for d in depths])
+    verdict = REPRODUCED if rho >= 0.5 else PARTLY if rho > 0 else NOT
+    first, last = by_depth[min(depths)]["experts_mean"], by_depth[max(depths)]["experts_mean"]
+    ev = f"Spearman(depth, experts kept) = {rho:.2f}; shallowest block {first:.2f}, deepest {last:.2f} experts/module"
+    if by_group:
+        ev += "; by type: " + ", ".join(f"{k} {v['experts_mean']:.2f}" for k, v in by_group.items())
+    return {"verdict": verdict, "evidence": ev, "spearman": rho}
+
+
+def affinity_wider_than_cosine(affinity: Sequence[float], cosine: Sequence[float]) -> dict[str, Any]:
+    """Claim: subspace affinity spreads widely while cosine similarity clusters near zero.
+
+    Rule: compare the interquartile ranges and the share of scores within ±0.05 of zero.
+    Reproduced when affinity's IQR is at least twice cosine's and most cosine scores (> 50 %)
+    are within ±0.05 of 0; partly when only one holds; not reproduced otherwise.
+    """
+    def iqr(v: Sequence[float]) -> float:
+        q = statistics.quantiles(v, n=4)
+        return q[2] - q[0]
+
+    ia, ic = iqr(affinity), iqr(cosine)
+    near_zero = sum(abs(c) <= 0.05 for c in cosine) / len(cosine)
+    a, b = ia >= 2 * ic, near_zero > 0.5
+    verdict = REPRODUCED if a and b else PARTLY if a or b else NOT
+    return {"verdict": verdict, "iqr_affinity": ia, "iqr_cosine": ic, "cosine_near_zero": near_zero,
+            "evidence": f"IQR affinity {ia:.3f} vs cosine {ic:.3f}; {100 * near_zero:.0f}% of cosine scores in ±0.05"}
+
+
+def plateau(values: Sequence[float], acc: Sequence[float], tolerance: float = 1.0) -> dict[str, Any]:
+    """Claim: ACC plateaus over a range of the hyper-parameter (paper Fig. 6).
+
+    Rule: the plateau is the longest run of consecutive values whose ACC is within ``tolerance``
+    points of the best. Reproduced when it spans at least three values; partly with two; not
+    reproduced with one.
+    """
+    best = max(acc)
+    runs, cur = [], []
+    for v, a in zip(values, acc):
+        if a >= best - tolerance:
+            cur.append(v)
+        else:
+            if cur:
+                runs.append(cur)
+            cur = []
+    if cur:
+        runs.append(cur)
+    longest = max(runs, key=len)
+    verdict = REPRODUCED if len(longest) >= 3 else PARTLY if len(longest) == 2 else NOT
+    return {"verdict": verdict, "plateau": longest, "best": best,
+            "evidence": f"within {tolerance} points of the best ACC ({best:.1f}) for values {longest}"}

@@ -1,0 +1,181 @@
+"""Command line: ``madeit merge``, ``madeit inspect``, ``madeit run`` (and more from other modules).
+
+``madeit merge`` folds fine-tuned checkpoints (given in arrival order) into an expert bank
+against a pre-trained checkpoint. Every checkpoint is validated before its experts are built and
+the bank is written only at the end, atomically: a bad input leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from madeit_core.errors import MergeInputError
+from madeit_core.experts import EvolutionConfig, ExpertBank
+from madeit_core.io import load_checkpoint
+from madeit_core.modules import modules_from_state_dict
+from madeit_core.statedict import check_compatible, check_pretrained
+
+log = logging.getLogger("madeit")
+
+
+def merge_checkpoints(pretrained: str | Path, finetuned: Sequence[str | Path], out: str | Path,
+                      names: Sequence[str] | None = None, include: str | None = None,
+                      exclude: str | None = None, force: bool = False, show_progress: bool = True,
+                      **evolution: Any) -> ExpertBank:
+    """Python form of ``madeit merge``: build and save the expert bank of ``finetuned``."""
+    if not finetuned:
+        raise MergeInputError("no fine-tuned checkpoints given (empty model sequence)")
+    names = list(names) if names else [Path(p).stem if Path(p).suffix else Path(p).name for p in finetuned]
+    if len(names) != len(finetuned):
+        raise MergeInputError(f"{len(names)} task names for {len(finetuned)} checkpoints")
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise MergeInputError(f"duplicate task names {dup}; pass --names to tell the tasks apart")
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not force:
+        raise MergeInputError(f"{out} exists and is not empty; use --force to overwrite")
+    config = EvolutionConfig(**evolution)
+    theta0 = load_checkpoint(pretrained)
+    check_pretrained(theta0)
+    specs = modules_from_state_dict(theta0, include=include, exclude=exclude)
+    if not specs:
+        raise MergeInputError(f"{pretrained}: no linear modules found (use --include to name them)")
+    log.info("pre-trained %s: %d tensors, %d linear modules", pretrained, len(theta0), len(specs))
+    bank = ExpertBank(specs, config)
+    for name, path in tqdm(list(zip(names, finetuned)), desc="absorbing", disable=not show_progress):
+        sd = load_checkpoint(path)
+        check_compatible(theta0, sd, f"{path}")
+        bank.absorb(name, theta0, sd)
+        del sd
+    bank.save(out)
+    return bank
+
+
+def format_bank(bank: ExpertBank) -> str:
+    """A human-readable account of a bank: settings, experts per module, allocation."""
+    s = bank.summary()
+    lines = [f"tasks ({len(bank.tasks)}, arrival order): {', '.join(bank.tasks)}",
+             "config: " + ", ".join(f"{k}={v}" for k, v in vars(bank.config).items()),
+             f"modules: {s['modules']}   experts: {s['experts_total']} (mean {s['experts_mean']:.2f} per module)"
+             f"   reduction rate: {s['reduction_rate']:.3f}   expert parameters: {s['expert_parameters']:,}",
+             "", f"{'module':<60} {'rank':>4} {'experts':>7}  allocation (expert of each task)"]
+    alloc = bank.allocation()
+    for spec in bank.specs:
+        m = bank.modules[spec.key]
+        lines.append(f"{spec.key:<60} {m.rank:>4} {len(m.experts):>7}  {' '.join(map(str, alloc[spec.key]))}")
+    return "\n".join(lines)
+
+
+def _evolution_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--rank-ratio", type=float, default=0.1, help="ρ: expert rank = round(ρ·min(d_out, d_in))")
+    p.add_argument("--margin", type=float, default=1.0, help="λ: threshold = mean(H) + λ·std(H)")
+    p.add_argument("--history", choices=["past+current", "past"], default="past+current")
+    p.add_argument("--min-history", type=int, default=2)
+    p.add_argument("--merge-rule", choices=["polar", "sum", "mean"], default="polar")
+    p.add_argument("--score", choices=["subspace", "cosine"], default="subspace")
+    p.add_argument("--others", choices=["mean", "pretrained", "task_arithmetic"], default="mean")
+    p.add_argument("--svd", choices=["exact", "randomized"], default="exact")
+
+
+def _evolution_kwargs(a: argparse.Namespace) -> dict[str, Any]:
+    return {"rank_ratio": a.rank_ratio, "margin": a.margin, "history": a.history, "min_history": a.min_history,
+            "merge_rule": a.merge_rule, "score": a.score, "others": a.others, "svd": a.svd}
+
+
+def _cmd_merge(a: argparse.Namespace) -> int:
+    bank = merge_checkpoints(a.pretrained, a.finetuned, a.out, names=a.names, include=a.include,
+                             exclude=a.exclude, force=a.force, **_evolution_kwargs(a))
+    print(f"wrote {a.out}: {bank.summary()['experts_total']} experts over {len(bank.specs)} modules")
+    return 0
+
+
+def _cmd_inspect(a: argparse.Namespace) -> int:
+    bank = ExpertBank.load(a.bank)
+    if a.json:
+        print(json.dumps({"summary": bank.summary(), "num_experts": bank.num_experts(),
+                          "allocation": bank.allocation()}, indent=2))
+    else:
+        print(format_bank(bank))
+    return 0
+
+
+def _cmd_run(a: argparse.Namespace) -> int:
+    from madeit_core.benchmarks import make_benchmark
+    from madeit_core.protocol import RunSpec, remove_run, resolve_device, run_continual
+
+    a.device = resolve_device(a.device)
+    bench, group_tasks = make_benchmark(a.benchmark, a.group, profile=a.profile, device=a.device)
+    hp = json.loads(a.hparams) if a.hparams else {}
+    for r in a.runs:
+        spec = RunSpec(method=a.method, group=a.group, run=r, profile=a.profile, hparams=hp, tasks=group_tasks,
+                       eval_seen=a.eval_seen)
+        if a.force:
+            remove_run(a.out, spec)
+        res = run_continual(spec, bench, a.out, device=a.device)
+        print(f"{a.method} {a.group} seed {spec.seed}: ACC {res['ACC']:.2f}  BWT {res['BWT']:.2f}")
+    return 0
+
+
+def _runs(text: str) -> list[int]:
+    if ".." in text:
+        lo, hi = text.split("..")
+        return list(range(int(lo), int(hi) + 1))
+    return [int(x) for x in text.split(",")]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="madeit", description=__doc__.splitlines()[0])
+    p.add_argument("-v", "--verbose", action="store_true")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    m = sub.add_parser("merge", help="fold fine-tuned checkpoints into an expert bank")
+    m.add_argument("--pretrained", required=True, help="pre-trained checkpoint (.pt/.bin/.safetensors/HF folder)")
+    m.add_argument("--finetuned", required=True, nargs="+", help="fine-tuned checkpoints, in arrival order")
+    m.add_argument("--names", nargs="+", help="task names (default: file names)")
+    m.add_argument("--out", required=True, help="output bank folder")
+    m.add_argument("--include", help="regex of weight keys that are modules (overrides the guess)")
+    m.add_argument("--exclude", help="regex of weight keys to leave out of the modules")
+    m.add_argument("--force", action="store_true", help="overwrite a non-empty --out")
+    _evolution_args(m)
+    m.set_defaults(func=_cmd_merge)
+
+    i = sub.add_parser("inspect", help="print the experts per module and the allocation of a bank")
+    i.add_argument("bank")
+    i.add_argument("--json", action="store_true")
+    i.set_defaults(func=_cmd_inspect)
+
+    r = sub.add_parser("run", help="run a method through the continual protocol")
+    r.add_argument("--method", required=True)
+    r.add_argument("--benchmark", default="toy", help="toy | zoo (the offline benchmark) | clip")
+    r.add_argument("--group", default="toy-4")
+    r.add_argument("--profile", default="smoke")
+    r.add_argument("--runs", type=_runs, default=[0], help="run indices: '0..9' or '0,3'")
+    r.add_argument("--hparams", help="JSON dict of method hyper-parameters")
+    r.add_argument("--out", default="runs")
+    r.add_argument("--device", default="auto", help="auto (cuda when present), cpu or cuda")
+    r.add_argument("--eval-seen", action="store_true", help="evaluate all seen tasks after every step")
+    r.add_argument("--force", action="store_true", help="discard earlier results and resume files")
+    r.set_defaults(func=_cmd_run)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if a.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    try:
+        return int(a.func(a))
+    except (MergeInputError, FileNotFoundError) as exc:
+        print(f"madeit: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,113 @@
+"""Plotting helpers for the book's figures (kept apart from the algorithm; matplotlib only).
+
+Every function takes computed data (from :mod:`madeit_core.analysis` or results files) and
+returns a matplotlib Figure; none computes a number itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+
+
+def allocation_figure(module_keys: Sequence[str], tasks: Sequence[str], rows: Sequence[Sequence[int]],
+                      title: str = "", max_modules: int | None = None) -> Figure:
+    """Fig. 2/7: module × task grid, colour = expert index (renumbered by first use per module)."""
+    keys, data = list(module_keys), np.asarray(rows)
+    if max_modules is not None and len(keys) > max_modules:
+        idx = np.linspace(0, len(keys) - 1, max_modules).round().astype(int)
+        keys, data = [keys[i] for i in idx], data[idx]
+    fig, ax = plt.subplots(figsize=(0.35 * len(tasks) + 3.5, 0.18 * len(keys) + 1.5))
+    cmap = plt.get_cmap("tab20", max(int(data.max()) + 1, 1))
+    ax.imshow(data, aspect="auto", cmap=cmap, interpolation="nearest", vmin=-0.5, vmax=int(data.max()) + 0.5)
+    ax.set_xticks(range(len(tasks)), tasks, rotation=90, fontsize=7)
+    ax.set_yticks(range(len(keys)), [k.removesuffix(".weight") for k in keys], fontsize=6)
+    ax.set_xlabel("tasks, in arrival order")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def experts_bar_figure(by_group: Mapping[str, Mapping[str, float]], by_depth: Mapping[int, Mapping[str, float]],
+                       T: int, title: str = "") -> Figure:
+    """Fig. 3/8: mean experts kept (and reduction rate) per module type and per depth."""
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
+    for ax, data, xlabel in ((axes[0], by_group, "module type"), (axes[1], by_depth, "depth (block)")):
+        names = [str(k) for k in data]
+        vals = [v["experts_mean"] for v in data.values()]
+        bars = ax.bar(names, vals, color="#4c72b0")
+        for b, v in zip(bars, data.values()):
+            ax.annotate(f"{100 * v['reduction_rate']:.0f}%", (b.get_x() + b.get_width() / 2, b.get_height()),
+                        ha="center", va="bottom", fontsize=7)
+        ax.axhline(T, color="grey", ls="--", lw=0.8, label=f"T = {T} (no sharing)")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("experts kept (mean per module)")
+        ax.tick_params(axis="x", labelsize=7, rotation=45)
+    axes[0].legend(fontsize=7)
+    fig.suptitle(title + " (labels: reduction rate 1 − experts/T)", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def score_density_figure(affinity: Sequence[float], cosine: Sequence[float], title: str = "") -> Figure:
+    """Fig. 4/9: densities of pairwise scores, subspace affinity vs. cosine similarity."""
+    fig, ax = plt.subplots(figsize=(5.5, 3.2))
+    bins = np.linspace(-0.2, 1.0, 61)
+    ax.hist(cosine, bins=bins, density=True, alpha=0.6, label="cosine similarity of ΔW")
+    ax.hist(affinity, bins=bins, density=True, alpha=0.6, label="subspace affinity")
+    ax.set_xlabel("pairwise score between two tasks' experts (one module)")
+    ax.set_ylabel("density")
+    ax.legend(fontsize=8)
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def heatmap_pair_figure(tasks: Sequence[str], affinity: Sequence[Sequence[float]],
+                        cosine: Sequence[Sequence[float]], title: str = "") -> Figure:
+    """Fig. 5: task × task heatmaps of both scores (mean over modules)."""
+    n = len(tasks)
+    fig, axes = plt.subplots(1, 2, figsize=(2 * (0.35 * n + 2.5), 0.35 * n + 2.2))
+    for ax, mat, name in ((axes[0], affinity, "subspace affinity"), (axes[1], cosine, "cosine similarity")):
+        im = ax.imshow(np.asarray(mat), vmin=0, vmax=1, cmap="viridis")
+        ax.set_xticks(range(n), tasks, rotation=90, fontsize=7)
+        ax.set_yticks(range(n), tasks, fontsize=7)
+        ax.set_title(name, fontsize=9)
+        fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def sensitivity_figure(values: Sequence[float], acc: Sequence[tuple[float, float]],
+                       bwt: Sequence[tuple[float, float]], xlabel: str, title: str = "",
+                       experts: Sequence[float] | None = None) -> Figure:
+    """Fig. 6/10/11: ACC and BWT (mean ± std over orders) against a hyper-parameter."""
+    fig, axes = plt.subplots(1, 2, figsize=(8, 3))
+    for ax, data, name in ((axes[0], acc, "ACC (%)"), (axes[1], bwt, "BWT (%)")):
+        m = np.array([d[0] for d in data])
+        s = np.array([d[1] for d in data])
+        ax.plot(values, m, "o-")
+        ax.fill_between(values, m - s, m + s, alpha=0.2)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(name)
+    if experts is not None:
+        ax2 = axes[0].twinx()
+        ax2.plot(values, experts, "s--", color="grey", ms=3)
+        ax2.set_ylabel("experts per module", color="grey")
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def table_markdown(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> str:
+    """A markdown table from dict rows (for glue-free display in notebooks)."""
+    head = "| " + " | ".join(columns) + " |\n|" + "---|" * len(columns) + "\n"
+    return head + "\n".join("| " + " | ".join(str(r.get(c, "")) for c in columns) + " |" for r in rows)

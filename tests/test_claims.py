@@ -1,0 +1,49 @@
+"""The verdict rules on the paper's claims, on hand-made inputs where the answer is known."""
+
+from __future__ import annotations
+
+from madeit_core.claims import (
+    NOT,
+    PARTLY,
+    REPRODUCED,
+    affinity_wider_than_cosine,
+    beats_rivals,
+    generic_to_specific,
+    plateau,
+)
+
+
+def rows(acc: dict[str, dict[str, float]]) -> list[dict[str, object]]:
+    return [{"method": m, "group": g, "ACC": a} for g, d in acc.items() for m, a in d.items()]
+
+
+def test_beats_rivals() -> None:
+    assert beats_rivals(rows({"g8": {"MADE-IT": 80, "OPCM": 70}, "g14": {"MADE-IT": 75, "OPCM": 60}}))[
+        "verdict"] == REPRODUCED
+    r = beats_rivals(rows({"g8": {"MADE-IT": 80, "OPCM": 70}, "g14": {"MADE-IT": 55, "OPCM": 60}}))
+    assert r["verdict"] == PARTLY and r["groups"]["g14"]["best_rival"] == "OPCM"
+    assert beats_rivals(rows({"g8": {"MADE-IT": 50, "OPCM": 70, "SWA": 60}}))["verdict"] == NOT
+    # reference rows are excluded when rivals are named
+    r = beats_rivals(rows({"g8": {"MADE-IT": 80, "OPCM": 70, "Fine-Tuned": 95}}), rivals=["OPCM"])
+    assert r["verdict"] == REPRODUCED
+
+
+def test_generic_to_specific() -> None:
+    up = {0: {"experts_mean": 1.0}, 1: {"experts_mean": 2.0}, 2: {"experts_mean": 4.0}}
+    assert generic_to_specific(up)["verdict"] == REPRODUCED
+    down = {0: {"experts_mean": 4.0}, 1: {"experts_mean": 2.0}, 2: {"experts_mean": 1.0}}
+    assert generic_to_specific(down)["verdict"] == NOT
+    assert generic_to_specific(down)["spearman"] == -1.0
+
+
+def test_affinity_vs_cosine() -> None:
+    aff = [i / 100 for i in range(100)]
+    cos = [0.01 * ((-1) ** i) for i in range(100)]
+    assert affinity_wider_than_cosine(aff, cos)["verdict"] == REPRODUCED
+    assert affinity_wider_than_cosine(cos, aff)["verdict"] == NOT
+
+
+def test_plateau() -> None:
+    assert plateau([0.05, 0.1, 0.2, 0.5], [80, 80.5, 80.2, 70])["verdict"] == REPRODUCED
+    assert plateau([0.05, 0.1, 0.2, 0.5], [70, 80.5, 80.2, 60])["verdict"] == PARTLY
+    assert plateau([0.05, 0.1, 0.2], [70, 80.5, 60])["verdict"] == NOT

@@ -1,0 +1,81 @@
+"""Grids, tables and figure analyses on the toy benchmark."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from madeit_core.analysis import allocation_matrix, experts_by_group, pairwise_scores, task_experts
+from madeit_core.experts import ExpertBank
+from madeit_core.reproduce import MethodRun, load_results, per_task_means, run_grid, summary_rows
+from madeit_core.toy import ToyBenchmark
+
+
+@pytest.fixture(scope="module")
+def bench() -> ToyBenchmark:
+    return ToyBenchmark(num_tasks=3, steps=30)
+
+
+def test_grid_tables_and_artifacts(bench: ToyBenchmark, tmp_path: Path) -> None:
+    methods = ["swa", MethodRun("MADE-IT", "made_it", {"rank_ratio": 0.5}),
+               MethodRun("MADE-IT (cosine)", "made_it", {"rank_ratio": 0.5, "score": "cosine", "tag": "cosine"})]
+    res = run_grid(bench, "toy-3", bench.tasks, methods, runs=[0, 1], out_dir=tmp_path, profile="test",
+                   show_progress=False)
+    assert len(res) == 6
+    rows = summary_rows(res)
+    assert {r["method"] for r in rows} == {"swa", "MADE-IT", "MADE-IT (cosine)"}
+    swa = next(r for r in rows if r["method"] == "swa")
+    accs = [r["ACC"] for r in res if r["label"] == "swa"]
+    assert swa["ACC"] == pytest.approx(sum(accs) / 2) and swa["runs"] == 2
+    made = next(r for r in rows if r["method"] == "MADE-IT")
+    assert made["routing_accuracy"] is not None and 0 <= made["routing_accuracy"] <= 100
+    assert len(load_results(tmp_path, "test", "toy-3")) == 6
+    per = per_task_means(res)
+    assert set(per["swa"]) == set(bench.tasks)
+    bank = ExpertBank.load(tmp_path / "test" / "toy-3" / "made_it" / "seed42.artifacts")
+    keys, tasks, rows_ = allocation_matrix(bank)
+    assert len(keys) == 12 and len(tasks) == 3 and all(r[0] == 0 for r in rows_)
+    groups = experts_by_group(bank)
+    assert set(groups["by_group"]) == {"attention", "mlp"}
+    assert all(0 <= g["reduction_rate"] < 1 for g in groups["by_group"].values())
+    # the cosine variant wrote its own file
+    assert (tmp_path / "test" / "toy-3" / "made_it-cosine" / "seed42.json").is_file()
+
+
+def test_pairwise_scores(bench: ToyBenchmark) -> None:
+    theta0 = bench.pretrained().state_dict()
+    specs = bench.modules()
+    experts = task_experts(theta0, {t: bench.finetuned(t) for t in bench.tasks}, specs, 0.25)
+    out = pairwise_scores(experts, specs)
+    n = len(bench.tasks)
+    assert len(out["affinity_scores"]) == len(specs) * n * (n - 1) // 2
+    for i in range(n):
+        assert out["affinity"][i][i] == pytest.approx(1.0) and out["cosine"][i][i] == pytest.approx(1.0)
+        for j in range(n):
+            assert out["affinity"][i][j] == out["affinity"][j][i]
+    assert all(0 <= a <= 1 + 1e-9 for a in out["affinity_scores"])
+    assert all(-1 - 1e-9 <= c <= 1 + 1e-9 for c in out["cosine_scores"])
+
+
+def test_plots_draw(bench: ToyBenchmark, tmp_path: Path) -> None:
+    from madeit_core import plots
+    from madeit_core.methods import get_method
+    from madeit_core.methods.base import MergeContext
+
+    m = get_method("made_it", rank_ratio=0.5)
+    m.setup(bench.pretrained(), MergeContext(modules=bench.modules()))
+    for t in bench.tasks:
+        m.absorb(t, bench.finetuned(t))
+    keys, tasks, rows = allocation_matrix(m.bank)
+    figs = [plots.allocation_figure(keys, tasks, rows, max_modules=6)]
+    g = experts_by_group(m.bank)
+    figs.append(plots.experts_bar_figure(g["by_group"], g["by_depth"], g["T"]))
+    figs.append(plots.score_density_figure([0.1, 0.5, 0.9], [0.0, 0.01, -0.02]))
+    figs.append(plots.heatmap_pair_figure(tasks, [[1, 0.5, 0.2]] * 3, [[1, 0.0, 0.1]] * 3))
+    figs.append(plots.sensitivity_figure([0.1, 0.2], [(50, 1), (55, 2)], [(-3, 1), (-2, 1)], "ρ", experts=[2, 3]))
+    for i, f in enumerate(figs):
+        f.savefig(tmp_path / f"f{i}.png")
+        assert (tmp_path / f"f{i}.png").stat().st_size > 1000
+    md = plots.table_markdown([{"a": 1, "b": 2}], ["a", "b"])
+    assert md.splitlines()[2] == "| 1 | 2 |"
