@@ -413,3 +413,61 @@ def test_unknown_module_is_named() -> None:
     spec = ModuleSpec(name="nope", key="nope.weight", d_out=2, d_in=2, kind="linear", group="mlp", depth=0)
     with pytest.raises(MergeInputError, match="nope"):
         m.setup(nn.Sequential(nn.Linear(2, 2)), MergeContext(modules=[spec], show_progress=False))
+
+
+class _OpenClipLikeBlock(nn.Module):
+    """Attention through nn.MultiheadAttention (its in-projection is a bare parameter) + c_fc/c_proj MLP."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.ln_2 = nn.LayerNorm(8)
+        self.mlp = nn.Sequential()
+        self.mlp.add_module("c_fc", nn.Linear(8, 16))
+        self.mlp.add_module("gelu", nn.GELU())
+        self.mlp.add_module("c_proj", nn.Linear(16, 8))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(x, x, x, need_weights=False)[0]
+        return (x + self.mlp(self.ln_2(x))).mean(dim=1)
+
+
+def test_wemoe_task_arithmetic_covers_bare_attention_parameters() -> None:
+    torch.manual_seed(0)
+    net = _OpenClipLikeBlock().eval()
+    ft = copy.deepcopy(net)
+    with torch.no_grad():
+        for p in ft.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    m = get_method("wemoe", use_tta=False, router_init_std=0.0)
+    m.setup(net, MergeContext(show_progress=False))
+    m.absorb("a", ft)
+    assert "attn.in_proj_weight" in m.ta_keys and "attn.in_proj_bias" in m.ta_keys
+    assert not any("ln_2" in k or "c_fc" in k for k in m.ta_keys)
+    sd0, sd1 = net.state_dict(), ft.state_dict()
+    expect = {k: sd0[k] + 0.3 * (sd1[k] - sd0[k]) if (k.startswith("attn.") or k.endswith("weight") and "mlp" in k)
+              else sd0[k] for k in sd0}
+    x = torch.randn(3, 5, 8)
+    assert torch.allclose(m.merged_model()(x), m.model_with(expect)(x), atol=1e-5)
+    legacy = get_method("wemoe", use_tta=False, ta_extra_params=False)
+    legacy.setup(net, MergeContext(show_progress=False))
+    assert "attn.in_proj_weight" not in legacy.ta_keys
+
+
+def test_mingle_skips_modules_their_parent_never_calls() -> None:
+    torch.manual_seed(0)
+    net = _OpenClipLikeBlock().eval()
+    ft = copy.deepcopy(net)
+    with torch.no_grad():
+        for p in ft.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    m = get_method("mingle", use_tta=False, gate_init_std=0.0, init_lambda=1.0)
+    m.setup(net, MergeContext(show_progress=False))
+    m.absorb("a", ft)
+    assert m.summary()["skipped_not_called_by_parent"] == ["attn.out_proj"]
+    assert sorted(m.wrappers) == ["mlp.c_fc", "mlp.c_proj"]
+    # gate 1 and a full-rank expert: the wrapped MLP weights act as the fine-tuned ones
+    sd0, sd1 = net.state_dict(), ft.state_dict()
+    expect = {k: sd1[k] if k in ("mlp.c_fc.weight", "mlp.c_proj.weight") else sd0[k] for k in sd0}
+    x = torch.randn(3, 5, 8)
+    assert torch.allclose(m.merged_model()(x), m.model_with(expect)(x), atol=1e-5)

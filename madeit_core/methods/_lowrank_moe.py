@@ -70,6 +70,17 @@ def check_target(model: nn.Module, spec: ModuleSpec) -> nn.Module:
     return mod
 
 
+def bypassed_by_parent(model: nn.Module, spec: ModuleSpec) -> bool:
+    """True when the module's parent never calls it (``nn.MultiheadAttention`` reads
+    ``out_proj.weight`` directly), so a wrapper swapped in would silently do nothing."""
+    parent_name = spec.name.rpartition(".")[0]
+    try:
+        parent = model.get_submodule(parent_name) if parent_name else model
+    except AttributeError:
+        return False
+    return isinstance(parent, nn.MultiheadAttention)
+
+
 def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model

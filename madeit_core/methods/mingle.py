@@ -24,9 +24,11 @@
 Inference is gated with token mean then batch mean [ref] (``batch_reduce=False``: per image).
 Choices where the reference is silent or CLIP-specific: target modules come from
 ``ModuleSpec.group`` (falls back to every module when none matches, e.g. a convnet; recorded in
-the summary); conv1x1 modules use spatial positions as tokens; the TTA runs in eval mode (CLIP
-has no dropout); ``optimizer="sgd"`` exists only to test that the update itself (not just the
-gradient) lies in the null space, which Adam's per-coordinate scaling breaks [ref].
+the summary); modules their parent never calls (``nn.MultiheadAttention.out_proj``) are skipped
+and listed, since a wrapper there would do nothing; conv1x1 modules use spatial positions as
+tokens; the TTA runs in eval mode (CLIP has no dropout); ``optimizer="sgd"`` exists only to test
+that the update itself (not just the gradient) lies in the null space, which Adam's
+per-coordinate scaling breaks [ref].
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ from madeit_core.methods._lowrank_moe import (
     GatedModel,
     LowRankMoE,
     Router,
+    bypassed_by_parent,
     kd_loss,
     lowrank_factors,
     record_data,
@@ -135,7 +138,9 @@ class MINGLE(ContinualMethod):
         self._build()
 
     def _targets(self) -> list[ModuleSpec]:
-        specs = self.ctx.modules
+        assert self.pretrained is not None
+        self.skipped = [s.name for s in self.ctx.modules if bypassed_by_parent(self.pretrained, s)]
+        specs = [s for s in self.ctx.modules if s.name not in self.skipped]
         if self.lora_layer is not None:
             out = [s for s in specs if any(sub in s.name for sub in self.lora_layer)]
             if not out:
@@ -257,6 +262,7 @@ class MINGLE(ContinualMethod):
 
     def summary(self) -> dict[str, Any]:
         return {"targets": [s.name for s in self.targets], "fallback_all_modules": self.fallback,
+                "skipped_not_called_by_parent": self.skipped,
                 "experts_per_module": {n: w.num_experts for n, w in self.wrappers.items()},
                 "expert_parameters": int(sum(w.A_cat.numel() + w.B_cat.numel() for w in self.wrappers.values())),
                 "basis_columns": {n: int(U.shape[1]) for n, U in self.bases.items()},

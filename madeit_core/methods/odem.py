@@ -18,7 +18,8 @@ Step 1: θ ← θ_1. Step k ≥ 2, with θ_new the new fine-tuned model:
    min ½‖v − (u − η g_M)‖² s.t. g_j·v ≤ b_j (active-set enumeration, at most 16 sets); a
    backtracking line search (s = 1, 0.7, …, 0.7⁷) accepts the first θ + h s v with every
    ℓ_j ≤ L_max_j(t'), else s = 0 (θ stays, t advances [ref]).
-4. After the last task (``ctx.num_tasks``), *post-refinement*: 80 AdamW(1e-6) steps on the mean
+4. After the last task (known from ``ctx.num_tasks``; without it there is no refinement),
+   *post-refinement*: 80 AdamW(1e-6) steps on the mean
    per-task CE of shuffled batches of 128 plus 1e-3‖θ − θ_a‖²/‖θ_a‖², gradient clipping 1.0,
    projection onto ‖θ − θ_a‖ ≤ 1e-3‖θ_a‖ (norm of all weights [ref]), returning the best
    snapshot whose probe losses all stay within 0.02 of their start.
@@ -38,6 +39,9 @@ gradient and so follow the straight line); losses and refinement run with the mo
 (CLIP has no dropout); the task order is the protocol's (§9.3 lists the reference's own); with
 ``barrier``, ``qp`` and ``post_refine`` off and ``dv_over_u_target=0`` no data is drawn and the
 method is SWA with weight t_end (exactly SWA with ``stop_at="exact"``).
+The protocol evaluates the newest task right after its step, so a_{T,T} is post-refinement here
+while the reference prints it before refinement; ACC and BWT do not use a_{T,T}'s pre-refinement
+value, so they are unaffected (baselines.md §8 (f)).
 """
 
 from __future__ import annotations

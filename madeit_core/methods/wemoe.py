@@ -19,7 +19,10 @@ stays at θ0 [ref]. Inference is gated: token mean then *batch* mean of the rout
 one weight set per forward batch [ref] (``batch_reduce=False`` gates per image).
 
 Choices where the reference is CLIP-specific: which modules are "attention" and "MLP" comes
-from ``ModuleSpec.group``; a depth of −1 makes a module its own block. When no module is in
+from ``ModuleSpec.group``; a depth of −1 makes a module its own block. The reference adds λτ to
+*every* parameter of ``self_attn``; beyond the attention modules' weights and biases this also
+covers parameters that are not Linear modules but whose name says attention (open_clip's
+``attn.in_proj_weight``/``in_proj_bias``; norms excluded) unless ``ta_extra_params=False``. When no module is in
 ``expert_groups`` (e.g. a convnet), every module outside ``ta_groups`` gets experts, each with
 its own router (recorded in the summary). The TTA runs with the encoder in eval mode (CLIP has
 no dropout, so this equals the reference).
@@ -28,6 +31,7 @@ no dropout, so this equals the reference).
 from __future__ import annotations
 
 import copy
+import re
 from typing import Any
 
 import torch
@@ -39,6 +43,7 @@ from madeit_core.methods._lowrank_moe import (
     GatedModel,
     LowRankMoE,
     Router,
+    bypassed_by_parent,
     entropy_loss,
     lowrank_factors,
     record_data,
@@ -47,8 +52,10 @@ from madeit_core.methods._lowrank_moe import (
     wrap_modules,
 )
 from madeit_core.methods.base import ContinualMethod, MergeContext
-from madeit_core.modules import ModuleSpec, as_matrix
+from madeit_core.modules import ATTENTION_PAT, ModuleSpec, as_matrix
 from madeit_core.statedict import StateDict, compute_dtype
+
+_NORM_PAT = re.compile(r"(norm|ln_|layernorm)", re.I)
 
 
 def make_units(specs: list[ModuleSpec], scope: str) -> list[list[ModuleSpec]]:
@@ -71,7 +78,8 @@ class ContinualWEMoE(ContinualMethod):
                  max_steps: int = 50, batch_size: int = 16, per_class: int = 5, batch_reduce: bool = True,
                  use_tta: bool = True, router_init_std: float = 0.01, train_old_rows: bool = True,
                  ta_groups: tuple[str, ...] | list[str] = ("attention",),
-                 expert_groups: tuple[str, ...] | list[str] = ("mlp",), router_scope: str = "block") -> None:
+                 expert_groups: tuple[str, ...] | list[str] = ("mlp",), router_scope: str = "block",
+                 ta_extra_params: bool = True) -> None:
         super().__init__()
         self.init_lambda, self.first_rank, self.rank = float(init_lambda), int(first_rank), int(rank)
         self.lr, self.max_steps, self.batch_size, self.per_class = float(lr), int(max_steps), int(batch_size), \
@@ -81,6 +89,7 @@ class ContinualWEMoE(ContinualMethod):
         self.train_old_rows = bool(train_old_rows)
         self.ta_groups, self.expert_groups = tuple(ta_groups), tuple(expert_groups)
         self.router_scope = router_scope
+        self.ta_extra_params = bool(ta_extra_params)
         self.tta_losses: dict[str, list[float]] = {}
 
     def hparams(self) -> dict[str, Any]:
@@ -89,7 +98,7 @@ class ContinualWEMoE(ContinualMethod):
                 "batch_reduce": self.batch_reduce, "use_tta": self.use_tta,
                 "router_init_std": self.router_init_std, "train_old_rows": self.train_old_rows,
                 "ta_groups": list(self.ta_groups), "expert_groups": list(self.expert_groups),
-                "router_scope": self.router_scope}
+                "router_scope": self.router_scope, "ta_extra_params": self.ta_extra_params}
 
     # ------------------------------------------------------------------ build
     def setup(self, pretrained: nn.Module, ctx: MergeContext | None = None) -> None:
@@ -100,11 +109,13 @@ class ContinualWEMoE(ContinualMethod):
         assert self.pretrained is not None
         specs = self.ctx.modules
         self.ta_specs = [s for s in specs if s.group in self.ta_groups]
-        expert_specs = [s for s in specs if s.group in self.expert_groups]
+        self.skipped = [s.name for s in specs if s.group not in self.ta_groups
+                        and bypassed_by_parent(self.pretrained, s)]
+        expert_specs = [s for s in specs if s.group in self.expert_groups and s.name not in self.skipped]
         self.fallback = False
         scope = self.router_scope
         if not expert_specs:
-            expert_specs = [s for s in specs if s.group not in self.ta_groups]
+            expert_specs = [s for s in specs if s.group not in self.ta_groups and s.name not in self.skipped]
             self.fallback, scope = True, "module"
         if not expert_specs:
             raise MergeInputError(f"wemoe: no module outside the task-arithmetic groups {self.ta_groups} to put "
@@ -116,6 +127,12 @@ class ContinualWEMoE(ContinualMethod):
             self.ta_keys.append(s.key)
             if f"{s.name}.bias" in self.theta0:
                 self.ta_keys.append(f"{s.name}.bias")
+        if self.ta_extra_params and "attention" in self.ta_groups:
+            owned = {k for s in specs for k in (s.key, f"{s.name}.bias")}
+            params = {n for n, _ in self.pretrained.named_parameters()}
+            self.ta_keys += [k for k in self.theta0 if k in params and k not in owned
+                             and self.theta0[k].is_floating_point() and ATTENTION_PAT.search(k)
+                             and not _NORM_PAT.search(k)]
         self.ta_sum: StateDict = {}
         encoder = copy.deepcopy(self.pretrained).to(self.ctx.device).eval()
         self.routers, self.wrappers = wrap_modules(encoder, self.units, self.batch_reduce)
@@ -200,7 +217,8 @@ class ContinualWEMoE(ContinualMethod):
                 "router_parameters": int(sum(r.w_frozen.numel() + r.b_frozen.numel() + r.w_train.numel()
                                              + r.b_train.numel() for r in self.routers.values())),
                 "units": [[s.name for s in u] for u in self.units], "fallback_all_non_ta_modules": self.fallback,
-                "ta_modules": [s.name for s in self.ta_specs],
+                "skipped_not_called_by_parent": self.skipped,
+                "ta_modules": [s.name for s in self.ta_specs], "ta_keys": list(self.ta_keys),
                 "tta_loss_first_last": {t: [v[0], v[-1]] for t, v in self.tta_losses.items() if v}}
 
     # ------------------------------------------------------------------ state
