@@ -5,6 +5,8 @@ Step 1: θ ← θ_1. Step k ≥ 2, with θ_new the new fine-tuned model:
 1. *Calibration replay* (labelled **train** images, via ``ctx.labeled_samples``): every seen
    task holds ⌊N/k⌋ images (N = ``num_samples`` = 2048); an old task's set is a random subset of
    its previous set (nested, torch ``randperm`` order kept), the new task's set is a fresh draw.
+   Task 1's first draw happens at step 2: a direct draw of ⌊N/2⌋ images, which has the
+   distribution of the reference's subsample of its whole training split.
 2. Probe losses ℓ_j (mean over the first 8 batches of 128 of the batch-mean CE under task j's
    head; a partial batch counts as a full one [ref]); L0_j = ℓ_j(θ), L1_j = ℓ_j(θ_new).
 3. Euler steps on the grid t_i = i·h of ``linspace(0, 1, ⌈1/h⌉ + 1)`` (float32) up to the last
