@@ -93,11 +93,11 @@ def test_gate_reduction_token_then_batch_mean() -> None:
     x = torch.tensor([[[1.0], [3.0]], [[5.0], [7.0]]])
     gm, w = _one_expert_linear(batch_reduce=True)
     y = gm(x)
-    assert torch.allclose(w.shared_router.current, torch.tensor([4.0]))
+    assert torch.allclose(w.shared_router.last_gate, torch.tensor([4.0]))
     assert torch.allclose(y, x * (2.0 + 4.0 * 10.0) + 0.5)
     gm2, w2 = _one_expert_linear(batch_reduce=False)
     y2 = gm2(x)
-    assert torch.allclose(w2.shared_router.current[:, 0], torch.tensor([2.0, 6.0]))
+    assert torch.allclose(w2.shared_router.last_gate[:, 0], torch.tensor([2.0, 6.0]))
     assert torch.allclose(y2[0], x[0] * (2.0 + 20.0) + 0.5) and torch.allclose(y2[1], x[1] * (2.0 + 60.0) + 0.5)
 
 
@@ -471,3 +471,18 @@ def test_mingle_skips_modules_their_parent_never_calls() -> None:
     expect = {k: sd1[k] if k in ("mlp.c_fc.weight", "mlp.c_proj.weight") else sd0[k] for k in sd0}
     x = torch.randn(3, 5, 8)
     assert torch.allclose(m.merged_model()(x), m.model_with(expect)(x), atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["wemoe", "mingle"])
+def test_batch_composition_dependence_and_deepcopy(bench: ToyBenchmark, method: str) -> None:
+    a, b = bench.tasks[:2]
+    x = images(bench, 12)
+    ref = run(method, bench, [a, b], max_steps=5, lr=1e-2)
+    full, part = ref.merged_model()(x)[:4], ref.merged_model()(x[:4])
+    assert not torch.allclose(full, part, atol=1e-6)              # [ref] one gate per forward batch
+    per_image = run(method, bench, [a, b], max_steps=5, lr=1e-2, batch_reduce=False)
+    assert torch.allclose(per_image.merged_model()(x)[:4], per_image.merged_model()(x[:4]), atol=1e-6)
+    frozen = copy.deepcopy(ref.merged_model())
+    assert torch.equal(frozen(x), ref.merged_model()(x))
+    ref.absorb(bench.tasks[2], bench.finetuned(bench.tasks[2]))
+    assert not torch.allclose(frozen(x), ref.merged_model()(x), atol=1e-6)    # the copy kept the old model

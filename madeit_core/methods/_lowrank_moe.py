@@ -108,7 +108,8 @@ class Router(nn.Module):
     """Linear gate [frozen rows | trainable rows] : R^d → R^E (baselines.md §6 (b)4, §7 (b)4).
 
     ``current`` caches the reduced gate of the ongoing forward pass ([E] with batch reduction,
-    [B, E] without); :class:`GatedModel` clears it before every forward.
+    [B, E] without); :class:`GatedModel` clears it around every forward and leaves a detached
+    copy in ``last_gate``.
     """
 
     def __init__(self, d_in: int, batch_reduce: bool = True) -> None:
@@ -120,6 +121,7 @@ class Router(nn.Module):
         self.w_train = nn.Parameter(torch.zeros(0, d_in))
         self.b_train = nn.Parameter(torch.zeros(0))
         self.current: torch.Tensor | None = None
+        self.last_gate: torch.Tensor | None = None   # the reduced gate of the last forward, detached
 
     @property
     def num_experts(self) -> int:
@@ -247,7 +249,12 @@ class GatedModel(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for r in self.routers.values():
             r.current = None
-        return self.encoder(x)
+        try:
+            return self.encoder(x)
+        finally:      # keep no graph-carrying tensor on the module (deepcopy, memory); a detached copy stays
+            for r in self.routers.values():
+                r.last_gate = r.current.detach() if r.current is not None else None
+                r.current = None
 
     def moe_modules(self) -> list[LowRankMoE]:
         return [m for m in self.encoder.modules() if isinstance(m, LowRankMoE)]
