@@ -140,8 +140,8 @@ class Mirror:
                 texts.append(text)
         y = np.asarray(labels, dtype=np.int64)
         if len(y) and (y.min() < 0 or y.max() >= len(meta.classes)):
-            raise MirrorError(f"data mirror: {path}: label {int(y.max()) if y.max() >= len(meta.classes) else int(y.min())}"
-                              f" out of range for {len(meta.classes)} classes")
+            bad = int(y.max()) if y.max() >= len(meta.classes) else int(y.min())
+            raise MirrorError(f"data mirror: {path}: label {bad} out of range for {len(meta.classes)} classes")
         return texts, y
 
     # ------------------------------------------------------------------ checks
