@@ -20,9 +20,7 @@ def make_benchmark(name: str, group: str, profile: str = "smoke", device: str = 
         bench = ToyBenchmark(num_tasks=int(group[4:]), device=device)
         return bench, list(bench.tasks)
     if name == "zoo":
-        try:
-            from madeit_core import zoo
-        except ImportError as exc:  # pragma: no cover - until the zoo lands
-            raise MergeInputError("the offline zoo is not available in this version") from exc
-        return zoo.make_benchmark(group, profile=profile, device=device)  # type: ignore[attr-defined]
+        from madeit_core import zoo
+
+        return zoo.make_benchmark(group, profile=profile, device=device)
     raise MergeInputError(f"unknown benchmark {name!r} (toy, zoo)")

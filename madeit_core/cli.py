@@ -124,6 +124,59 @@ def _cmd_run(a: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_zoo_build(a: argparse.Namespace) -> int:
+    import torch
+
+    from madeit_core.protocol import resolve_device
+    from madeit_core.zoo import format_table, make_benchmark, summary_row
+
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    device = resolve_device(a.device)
+    bench, tasks = make_benchmark(a.group, profile=a.profile, device=device, cache_dir=a.cache, data=a.data)
+    print(f"zoo: profile {a.profile}, group {a.group}, backbone {bench.zoo.adapter.name} at "
+          f"{bench.zoo.adapter.image_size} px, cache {bench.zoo.cache}, data {bench.zoo.source.describe()}")
+    manifests = bench.zoo.build(tasks, force=a.force)
+    print(format_table([summary_row(m) for m in manifests]))
+    return 0
+
+
+def _cmd_data_check(a: argparse.Namespace) -> int:
+    from madeit_core.data.mirror import Mirror
+    from madeit_core.data.suites import PackSource
+
+    if a.data and str(a.data).endswith(".npz"):
+        pack = PackSource(a.data)
+        print(f"pack {pack.path}: profile {pack.manifest.get('profile')}, {len(pack.entries)} entries")
+        for key, e in sorted(pack.entries.items()):
+            print(f"  {key:<32} {e['n']:>6} rows of {e['n_total']:>6}  {e['shape']}")
+        return 0
+    mirror = Mirror(a.data)
+    rows = mirror.check(tasks=a.tasks, verify_sha=a.sha256)
+    print(f"mirror {mirror.root}: {len(rows)} splits OK{' (sha256 verified)' if a.sha256 else ''}")
+    for r in rows:
+        print(f"  {r['task']:<16} {r['split']:<6} {r['kind']:<6} {r['n']:>7} rows  {r['shape']:<9} "
+              f"{r['classes']} classes")
+    return 0
+
+
+def _cmd_data_pack(a: argparse.Namespace) -> int:
+    from madeit_core.data.pack import write_pack
+
+    info = write_pack(a.out, profile=a.profile, data=a.data, groups=a.groups)
+    print(f"wrote {a.out}: {info['bytes'] / 2 ** 20:.1f} MiB, {len(info['entries'])} entries "
+          f"(profile {a.profile}); use it with MADEIT_DATA={a.out} or --data {a.out}")
+    return 0
+
+
+def _cmd_data_fetch(a: argparse.Namespace) -> int:
+    from madeit_core.data.fetch import fetch
+
+    done = fetch(a.out, tasks=a.tasks)
+    print(f"fetched {len(done)} task(s) into {a.out}: {', '.join(done)}")
+    return 0
+
+
 def _runs(text: str) -> list[int]:
     if ".." in text:
         lo, hi = text.split("..")
@@ -164,6 +217,36 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--eval-seen", action="store_true", help="evaluate all seen tasks after every step")
     r.add_argument("--force", action="store_true", help="discard earlier results and resume files")
     r.set_defaults(func=_cmd_run)
+
+    z = sub.add_parser("zoo", help="the offline model zoo (heads and fine-tuned encoders)")
+    zsub = z.add_subparsers(dest="zoo_command", required=True)
+    zb = zsub.add_parser("build", help="build (or reuse) every task of a group and print the table")
+    zb.add_argument("--profile", default="smoke", help="smoke | offline")
+    zb.add_argument("--group", default="smoke-4", help="e.g. smoke-4, smoke-8, offline-8, offline-14, offline-20")
+    zb.add_argument("--device", default="auto", help="auto (cuda when present), cpu or cuda")
+    zb.add_argument("--data", help="mirror folder or pack .npz (default $MADEIT_DATA, else ../shared/data)")
+    zb.add_argument("--cache", help="zoo cache folder (default $MADEIT_CACHE/zoo or ~/.cache/madeit/zoo)")
+    zb.add_argument("--threads", type=int, help="torch CPU threads")
+    zb.add_argument("--force", action="store_true", help="rebuild tasks that are cached")
+    zb.set_defaults(func=_cmd_zoo_build)
+
+    d = sub.add_parser("data", help="the offline data: check the mirror, make a pack, fetch from the internet")
+    dsub = d.add_subparsers(dest="data_command", required=True)
+    dc = dsub.add_parser("check", help="validate the mirror (or a pack): files, shapes, labels")
+    dc.add_argument("--data", help="mirror folder or pack .npz (default $MADEIT_DATA, else ../shared/data)")
+    dc.add_argument("--tasks", nargs="+", help="only these mirror tasks")
+    dc.add_argument("--sha256", action="store_true", help="also verify every file against SHA256SUMS")
+    dc.set_defaults(func=_cmd_data_check)
+    dp = dsub.add_parser("pack", help="write a compact pack of a profile's data (for GPU machines)")
+    dp.add_argument("--profile", default="offline")
+    dp.add_argument("--out", required=True, help="output .npz file")
+    dp.add_argument("--data", help="mirror folder (default $MADEIT_DATA, else ../shared/data)")
+    dp.add_argument("--groups", nargs="+", help="task groups to include (default: the profile's)")
+    dp.set_defaults(func=_cmd_data_pack)
+    df = dsub.add_parser("fetch", help="fill a mirror folder from torchvision / Hugging Face (needs internet)")
+    df.add_argument("--out", required=True, help="mirror folder to fill")
+    df.add_argument("--tasks", nargs="+", help="only these tasks (default: all)")
+    df.set_defaults(func=_cmd_data_fetch)
     return p
 
 

@@ -109,8 +109,8 @@ def state_hash(sd: Mapping[str, torch.Tensor]) -> str:
     """sha256 over names, dtypes, shapes and bytes of a state dict (order-independent)."""
     h = hashlib.sha256()
     for k in sorted(sd):
-        t = sd[k].detach().cpu().contiguous()
-        h.update(f"{k}|{t.dtype}|{tuple(t.shape)}|".encode())
+        t = sd[k].detach().cpu().contiguous().reshape(-1)
+        h.update(f"{k}|{t.dtype}|{tuple(sd[k].shape)}|".encode())
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
 
