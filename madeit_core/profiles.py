@@ -35,11 +35,12 @@ class Profile:
     test_cap: int = 200                        # test rows evaluated per task (a prefix of the pool)
     steps: int = 40                            # fine-tuning steps per task
     batch_size: int = 32
-    lr: float = 1e-3                           # AdamW, cosine decay after linear warm-up
+    lr: float = 1e-4                           # AdamW, cosine decay after linear warm-up
     weight_decay: float = 0.0
     warmup_steps: int = 5
     probe_l2: tuple[float, ...] = (1e-4, 1e-3, 1e-2, 1e-1)   # L2 grid of the logistic probe (holdout)
-    probe_holdout: float = 0.2                 # fraction of train rows used to choose the L2 strength
+    probe_holdout: float = 0.2                 # fraction of probe rows used to choose the L2 strength
+    probe_fraction: float = 0.3                # leading train rows that fit the probe; the rest fine-tune
     eval_batch: int = 256
     seed: int = 0
     groups: tuple[str, ...] = ()
@@ -63,7 +64,7 @@ class Profile:
 
 SMOKE = Profile(
     name="smoke", image_size=32, render_size=32, train_cap=384, test_pool_cap=256, test_cap=128, steps=30,
-    batch_size=32, lr=1e-3, warmup_steps=3, groups=("smoke-4", "smoke-8"),
+    batch_size=32, lr=1e-4, warmup_steps=3, groups=("smoke-4", "smoke-8"),
     notes="CI sizing: seconds per task; numbers are not meaningful beyond 'the pipeline works'.")
 
 #: Why the offline profile is sized as it is (recorded in manifests).
@@ -76,7 +77,7 @@ OFFLINE_SIZING = (
 
 OFFLINE = Profile(
     name="offline", image_size=64, render_size=64, train_cap=1500, test_pool_cap=1000, test_cap=250, steps=300,
-    batch_size=32, lr=1e-3, warmup_steps=20, groups=("offline-8", "offline-14", "offline-20"),
+    batch_size=32, lr=1e-4, warmup_steps=20, groups=("offline-8", "offline-14", "offline-20"),
     notes=OFFLINE_SIZING)
 
 CLIP = Profile(name="clip", backbone="clip", groups=("clip-8", "clip-14", "clip-20"),

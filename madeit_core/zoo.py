@@ -4,12 +4,15 @@ For every task of a group, at a profile (:mod:`madeit_core.profiles`):
 
 (a) **Head** ("Pre-Trained" row). θ0's features of the capped training rows; a multinomial
     logistic regression fitted by full-batch L-BFGS on standardised features (float64, zero
-    start: deterministic), its L2 strength chosen on a fixed 20 % holdout of the training rows
-    from ``profile.probe_l2``, then refitted on all rows. The standardisation is folded into the
+    start: deterministic) of the first ``profile.probe_fraction`` of the training rows (the
+    *probe rows*), its L2 strength chosen on a fixed 20 % holdout of them from
+    ``profile.probe_l2``, then refitted on all probe rows. The standardisation is folded into the
     head's weights, so the head acts on raw features. It stands in for CLIP's zero-shot text
     head: a task head fixed *before* fine-tuning, the same one every method's merged model is
     read out with.
-(b) **Fine-tuned encoder** ("Fine-Tuned" row): θ0 trained on the same rows with that head
+(b) **Fine-tuned encoder** ("Fine-Tuned" row): θ0 trained on the *other* training rows (disjoint
+    from the probe rows: a head fitted on the very rows it is then trained through reaches ~0
+    training loss on small tasks and leaves no gradient, so fine-tuning learned nothing) with that head
     frozen, every BatchNorm layer frozen (running statistics *and* affine parameters, i.e. the
     layers stay in eval mode), AdamW with linear warm-up then cosine decay, shuffled epochs,
     no augmentation; everything seeded from ``profile.seed`` and the task name.
@@ -58,7 +61,7 @@ from madeit_core.protocol import hardware
 log = logging.getLogger(__name__)
 
 #: bump when the recipe's code changes in a way that changes the weights it produces
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2   # 2: probe rows disjoint from fine-tuning rows
 
 
 # ---------------------------------------------------------------------- places
@@ -221,6 +224,13 @@ def fit_probe(z: torch.Tensor, y: torch.Tensor, num_classes: int, l2_grid: tuple
                                                                 "train_accuracy": train_acc}
 
 
+def probe_rows(n_train: int, fraction: float) -> int:
+    """How many leading training rows fit the probe; the rest fine-tune (at least 1 on each side)."""
+    if n_train < 2:
+        raise MergeInputError(f"a task needs at least 2 training rows (probe and fine-tuning), got {n_train}")
+    return min(n_train - 1, max(1, int(round(fraction * n_train))))
+
+
 def lr_at(step: int, steps: int, lr: float, warmup: int) -> float:
     """Linear warm-up over ``warmup`` steps, then cosine decay to 0 at ``steps``."""
     if warmup > 0 and step < warmup:
@@ -341,6 +351,7 @@ class Zoo:
                 "data_sha256": array_hash(d.x_train, d.y_train, d.x_test[:p.test_cap], d.y_test[:p.test_cap]),
                 "steps": p.steps, "batch_size": p.batch_size, "lr": p.lr, "weight_decay": p.weight_decay,
                 "warmup_steps": p.warmup_steps, "probe_l2": list(p.probe_l2), "probe_holdout": p.probe_holdout,
+                "probe_fraction": p.probe_fraction,
                 "seed": p.seed}
 
     def task_key(self, task: str) -> str:
@@ -415,11 +426,13 @@ class Zoo:
 
         t0 = time.perf_counter()
         theta0 = copy.deepcopy(self.theta0).to(self.device)
-        z = features(theta0, d.x_train, self.preprocess, self.device, p.eval_batch)
+        n_probe = probe_rows(len(d.y_train), p.probe_fraction)
+        z = features(theta0, d.x_train[:n_probe], self.preprocess, self.device, p.eval_batch)
         t_feat = time.perf_counter() - t0
         t0 = time.perf_counter()
-        head, probe_report = fit_probe(z, torch.from_numpy(d.y_train), d.num_classes, p.probe_l2, p.probe_holdout,
-                                       seed)
+        head, probe_report = fit_probe(z, torch.from_numpy(d.y_train[:n_probe]), d.num_classes, p.probe_l2,
+                                       p.probe_holdout, seed)
+        probe_report["rows"] = n_probe
         t_probe = time.perf_counter() - t0
         head_dev = head.to(self.device)
         t0 = time.perf_counter()
@@ -428,7 +441,8 @@ class Zoo:
         save_tensors(folder / "head.safetensors", {"weight": head.weight, "bias": head.bias})
 
         model = theta0
-        ft_report = finetune(model, head_dev, d.x_train, d.y_train, p.recipe(), seed, self.preprocess, self.device,
+        ft_report = finetune(model, head_dev, d.x_train[n_probe:], d.y_train[n_probe:], p.recipe(), seed,
+                             self.preprocess, self.device,
                              desc=f"fine-tuning {task}", show_progress=self.show_progress)
         t0 = time.perf_counter()
         ft_eval = evaluate_rows(model, head_dev, x_eval, y_eval, self.preprocess, self.device, p.eval_batch)
@@ -440,7 +454,8 @@ class Zoo:
         manifest = {
             "task": task, "key": key, "profile": p.name, "config": self.task_config(task),
             "classes": list(d.classes), "num_classes": d.num_classes,
-            "data": {**d.info, "n_train": int(len(d.y_train)), "n_test_pool": int(len(d.y_test)),
+            "data": {**d.info, "n_train": int(len(d.y_train)), "n_probe_rows": n_probe,
+                     "n_finetune_rows": int(len(d.y_train)) - n_probe, "n_test_pool": int(len(d.y_test)),
                      "n_test_eval": int(len(y_eval)), "train_class_counts": counts,
                      "train_shape": list(d.x_train.shape[1:])},
             "probe": probe_report, "finetune": ft_report,
@@ -464,7 +479,7 @@ class ZooBenchmark:
 
     Evaluation reads the first ``profile.test_cap`` rows of each task's test pool;
     ``unlabeled_samples`` draws per class from the whole test pool (``test_pool_cap`` rows),
-    ``labeled_samples`` from the capped training rows (the fine-tuning data).
+    ``labeled_samples`` from the fine-tuning rows (the capped training rows after the probe rows).
     """
 
     def __init__(self, zoo: Zoo, tasks: list[str], group: str | None = None, note: str | None = None) -> None:
@@ -499,8 +514,9 @@ class ZooBenchmark:
 
     def labeled_samples(self, task: str, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
         d = self.zoo.data(task)
+        start = probe_rows(len(d.y_train), self.zoo.profile.probe_fraction)   # the fine-tuning rows
         g = torch.Generator().manual_seed(seed)
-        idx = torch.randperm(len(d.y_train), generator=g)[:n].numpy()
+        idx = start + torch.randperm(len(d.y_train) - start, generator=g)[:n].numpy()
         x = self.zoo.preprocess(torch.from_numpy(np.ascontiguousarray(d.x_train[idx])))
         return x, torch.from_numpy(d.y_train[idx]).long()
 
