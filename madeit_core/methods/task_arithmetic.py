@@ -4,8 +4,8 @@ After t tasks θ^(t) = θ0 + λ Σ_{i≤t} τ_i (up to float rounding of the run
 reference's form). The first model is θ0 + λ τ_1, not the fine-tuned model.
 
 λ (``scaling_factor``) is fixed in advance from the size of the task group, as the published
-scripts do [ref]: 0.3 for 8 tasks, 0.1 for 14 and 20 (``ctx.num_tasks``). Other sizes follow the
-nearest rule (T ≤ 8 → 0.3, T > 8 → 0.1); without ``num_tasks`` the config default 0.3 is used.
+scripts do [ref]: 0.3 for 8 tasks, 0.1 for 14 and 20 (``ctx.num_tasks``). Other sizes (the toy and
+offline groups) use T ≤ 8 → 0.3, T > 8 → 0.1; without ``num_tasks`` the config default 0.3 is used.
 An explicit ``scaling_factor`` overrides all of this.
 
 Merged entries: every floating-point *parameter* of the model, whether or not it requires grad
