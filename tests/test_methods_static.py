@@ -207,3 +207,24 @@ def test_protocol_end_to_end_and_resume(bench: ToyBenchmark, tmp_path: Path, met
         assert full["BWT"] == 0.0 and full["a_Ti"] == full["a_ii"]
     if method == "pretrained":
         assert full["BWT"] == 0.0
+
+
+def test_float_buffers_stay_at_theta0_unless_included() -> None:
+    """BatchNorm running statistics: not merged by default (the reference merges parameters
+    only), merged with ``include_buffers``; the integer counter is never touched."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)).eval()
+    theta0 = {k: v.clone() for k, v in net.state_dict().items()}
+    ft = {k: (v + 0.5 if v.is_floating_point() else v.clone()) for k, v in theta0.items()}
+    for name in ("task_arithmetic", "ties", "opcm", "adamerging"):
+        for include in (False, True):
+            hp: dict[str, object] = {"include_buffers": include}
+            if name == "adamerging":
+                hp["max_steps"] = 0
+            m = get_method(name, **hp)
+            m.setup(net, MergeContext(num_tasks=8, show_progress=False))
+            m.absorb("a", ft)
+            got = sd_of(m.merged_model())
+            assert torch.equal(got["1.num_batches_tracked"], theta0["1.num_batches_tracked"])
+            assert torch.equal(got["1.running_mean"], theta0["1.running_mean"]) is not include, (name, include)
+            assert not torch.equal(got["1.weight"], theta0["1.weight"])
