@@ -1,0 +1,84 @@
+"""EfficientNet-Lite0: the real ImageNet weights load into our model code and classify photos right."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from madeit_core.backbones.efficientnet import (
+    EfficientNetLite0Adapter,
+    efficientnet_lite0,
+    load_imagenet_state_dict,
+)
+
+skimage_data = pytest.importorskip("skimage.data")
+
+# ImageNet-1k indices (the standard class list): 281 tabby, 282 tiger cat, 285 Egyptian cat;
+# 967 espresso, 968 cup.
+CAT_CLASSES = {281, 282, 285}
+COFFEE_CLASSES = {967, 968}
+
+
+@pytest.fixture(scope="module")
+def imagenet_model() -> torch.nn.Module:
+    return efficientnet_lite0(pretrained=True, num_classes=1000)
+
+
+def _top(model: torch.nn.Module, adapter: EfficientNetLite0Adapter, name: str) -> tuple[int, float]:
+    img = torch.from_numpy(getattr(skimage_data, name)())[None]
+    with torch.no_grad():
+        p = model(adapter.preprocess(img)).softmax(-1)[0]
+    return int(p.argmax()), float(p.max())
+
+
+def test_keys_and_shapes_match_the_package() -> None:
+    sd = load_imagenet_state_dict()
+    model = efficientnet_lite0(pretrained=False, num_classes=1000)
+    ours = model.state_dict()
+    assert set(ours) == set(sd)
+    assert all(ours[k].shape == sd[k].shape for k in sd)
+    assert sum(v.numel() for k, v in sd.items() if not k.endswith("num_batches_tracked")) == sum(
+        p.numel() for p in model.parameters()) + sum(b.numel() for n, b in model.named_buffers()
+                                                    if not n.endswith("num_batches_tracked"))
+
+
+def test_imagenet_classes_of_sample_photos(imagenet_model: torch.nn.Module) -> None:
+    adapter = EfficientNetLite0Adapter(224)
+    cls, p = _top(imagenet_model, adapter, "chelsea")
+    assert cls == 285 and p > 0.5, (cls, p)  # Egyptian cat
+    cls, p = _top(imagenet_model, adapter, "coffee")
+    assert cls == 967 and p > 0.5, (cls, p)  # espresso
+
+
+def test_symmetric_padding_option_also_right_but_less_sure(imagenet_model: torch.nn.Module) -> None:
+    adapter = EfficientNetLite0Adapter(224, padding="symmetric")
+    model = efficientnet_lite0(pretrained=True, num_classes=1000, padding="symmetric")
+    cls, p_sym = _top(model, adapter, "chelsea")
+    assert cls in CAT_CLASSES
+    _, p_tf = _top(imagenet_model, EfficientNetLite0Adapter(224), "chelsea")
+    assert p_tf > p_sym  # the weights were trained with TF "SAME" padding
+    assert _top(model, adapter, "coffee")[0] in COFFEE_CLASSES
+
+
+def test_random_init_does_not_classify(imagenet_model: torch.nn.Module) -> None:
+    torch.manual_seed(0)
+    model = efficientnet_lite0(pretrained=False, num_classes=1000).eval()
+    cls, p = _top(model, EfficientNetLite0Adapter(224), "chelsea")
+    assert p < 0.05
+
+
+def test_encoder_and_modules() -> None:
+    adapter = EfficientNetLite0Adapter(32)
+    enc = adapter.build(pretrained=True)
+    x = adapter.preprocess(torch.randint(0, 255, (2, 28, 28, 1), dtype=torch.uint8))
+    assert x.shape == (2, 3, 32, 32)
+    with torch.no_grad():
+        assert enc(x).shape == (2, 1280)
+    specs = adapter.modules(enc)
+    groups = [s.group for s in specs]
+    assert groups.count("project") == 16 and groups.count("expand") == 15 and groups.count("head") == 1
+    assert all(s.kind == "conv1x1" for s in specs)
+    assert specs[-1].name == "_conv_head" and specs[-1].depth == 16
+    assert [s.depth for s in specs] == sorted(s.depth for s in specs)
+    sd = {"module._fc.weight": torch.zeros(1), "module._conv_stem.weight": torch.zeros(1)}
+    assert set(adapter.normalise_keys(sd)) == {"_conv_stem.weight"}
