@@ -2,28 +2,28 @@
 
 A :class:`CLIPBenchmark` is assembled from four parts:
 
-- a backbone adapter (:class:`~madeit_core.backbones.hf_clip.HFCLIPVisionAdapter` or
-  :class:`~madeit_core.backbones.open_clip_adapter.OpenCLIPVisionAdapter`) and the pre-trained
-  encoder θ0 it built;
-- the task list, and per task a frozen zero-shot head (:func:`zero_shot_head`, baselines.md §0.3:
-  every class name in every template through the pre-trained text tower, each embedding
-  L2-normalised, averaged over the templates, normalised again; logits =
-  exp(logit_scale) · ẑ Wᵀ with ẑ the normalised image features);
-- a checkpoint source: task → fine-tuned state dict. :func:`checkpoint_source` resolves a hub id
-  (downloaded with ``huggingface_hub``) or a local file/folder per task; the adapter's
-  ``normalise_keys`` maps the keys onto the encoder's, and two tasks whose weights are identical
-  (or equal to θ0) are refused;
-- an image data provider (:class:`ImageTaskData`): labels and uint8 images of a task's ``test``
-  and ``train`` splits, preprocessed by the adapter batch by batch (CLIP's test sets do not fit in
-  memory as float tensors). :class:`HFImageData` reads the Hugging Face datasets of
-  :mod:`madeit_core.backbones.clip_tasks`; :class:`InMemoryImageData` holds tensors.
+- a :class:`~madeit_core.backbones.clip_loaders.CLIPLoader`, the only thing that touches the hub:
+  it gives the backbone adapter, the pre-trained vision encoder θ0, the text tower and the logit
+  scale (:class:`~madeit_core.backbones.clip_loaders.CLIPParts`), and loads each task's fine-tuned
+  checkpoint from its reference (hub id or local path);
+- the task list and, per task, a frozen zero-shot head
+  (:func:`~madeit_core.backbones.zero_shot.zero_shot_head`: class names × templates through the
+  pre-trained text tower, normalised, averaged, normalised; logits = exp(logit_scale) · ẑ Wᵀ),
+  all built once when the benchmark is made, after which the text tower is released;
+- the task → checkpoint mapping, checked with
+  :func:`~madeit_core.backbones.clip_tasks.check_checkpoint_mapping` before anything is merged
+  (duplicates, a checkpoint named for another task or architecture); at load time a checkpoint
+  equal to θ0 or to another task's is refused as well;
+- an :class:`~madeit_core.clip_data.ImageTaskData` (Hugging Face datasets, the offline mirror, or
+  tensors), preprocessed by the adapter batch by batch.
 
-Constructors: :meth:`CLIPBenchmark.from_hub` is the real setting (needs the internet or a filled
-Hugging Face cache, ``datasets`` and ``huggingface_hub``, and in practice a GPU; not run by the
-tests). :meth:`CLIPBenchmark.tiny` builds everything offline in a second from a tiny random
-``CLIPModel`` with the real key names: θ0, "fine-tuned" variants θ0 + small random deltas,
-synthetic images, and zero-shot heads from the tiny random text tower with the tasks' real class
-names and templates. Nothing the tiny benchmark yields is a result about real data.
+Constructors: :meth:`CLIPBenchmark.from_loader` (any loader and data), :meth:`CLIPBenchmark.from_hub`
+(the paper's setting: HF CLIP ``openai/clip-vit-*``, the FusionBench checkpoints
+``tanganke/<model>_<task>``, the HF datasets; needs the internet or a filled cache and in practice a
+GPU), :meth:`CLIPBenchmark.from_open_clip` (open_clip towers and local task-vector checkpoints) and
+:meth:`CLIPBenchmark.tiny` (offline: a tiny random CLIP with the real key names, random task
+vectors, synthetic images and the tasks' real class names and templates; nothing it yields is a
+result about real data).
 """
 
 from __future__ import annotations
@@ -31,34 +31,26 @@ from __future__ import annotations
 import copy
 import hashlib
 import logging
-import math
 import re
-import zlib
 from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 import torch
 from torch import nn
 
 from madeit_core.backbones.base import BackboneAdapter
-from madeit_core.backbones.clip_tasks import (
-    CLIP_TASKS,
-    CLIPTask,
-    check_checkpoint_mapping,
-    default_checkpoints,
-    get_task,
-)
+from madeit_core.backbones.clip_loaders import CLIPLoader, HFCLIPLoader, OpenCLIPLoader
+from madeit_core.backbones.clip_tasks import CLIP_TASKS, CLIPTask, check_checkpoint_mapping, default_checkpoints
+from madeit_core.backbones.zero_shot import zero_shot_head
 from madeit_core.benchmark import seed_subset
+from madeit_core.clip_data import HFImageData, ImageTaskData, synthetic_image_data
 from madeit_core.errors import MergeInputError
-from madeit_core.io import load_checkpoint
 from madeit_core.methods.base import Head
 from madeit_core.modules import ModuleSpec
 
 log = logging.getLogger(__name__)
 
 CheckpointSource = Callable[[str], Mapping[str, torch.Tensor]]
-TextEncoder = Callable[[list[str]], torch.Tensor]
 
 #: profile → pre-trained model of the real CLIP setting
 CLIP_PROFILES: dict[str, str] = {
@@ -67,146 +59,6 @@ CLIP_PROFILES: dict[str, str] = {
     "clip-b16": "openai/clip-vit-base-patch16",
     "clip-l14": "openai/clip-vit-large-patch14",
 }
-
-
-# ----------------------------------------------------------------------------- zero-shot heads
-class ZeroShotHead(nn.Module):
-    """Frozen CLIP zero-shot classifier: logits = scale · (z / ‖z‖) Wᵀ, W = unit class embeddings."""
-
-    def __init__(self, weight: torch.Tensor, scale: float) -> None:
-        super().__init__()
-        self.register_buffer("weight", weight.detach().float().clone())
-        self.register_buffer("scale", torch.tensor(float(scale)))
-
-    @property
-    def num_classes(self) -> int:
-        return int(self.weight.shape[0])
-
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        z = z.float()
-        return self.scale * (z / z.norm(dim=-1, keepdim=True)) @ self.weight.T
-
-
-@torch.no_grad()
-def zero_shot_weights(encode_text: TextEncoder, classnames: Sequence[str], templates: Sequence[str]) -> torch.Tensor:
-    """``[C, P]``: per class, the text embeddings of all its prompts, each L2-normalised, averaged
-    over the templates and L2-normalised again (baselines.md §0.3)."""
-    if not classnames or not templates:
-        raise MergeInputError("a zero-shot head needs at least one class name and one template")
-    texts = [t.format(c) for c in classnames for t in templates]
-    emb = encode_text(texts).float()
-    if emb.ndim != 2 or emb.shape[0] != len(texts):
-        raise MergeInputError(f"text encoder returned {tuple(emb.shape)} for {len(texts)} prompts")
-    emb = emb.view(len(classnames), len(templates), -1)
-    emb = emb / emb.norm(dim=-1, keepdim=True)
-    w = emb.mean(dim=1)
-    return w / w.norm(dim=-1, keepdim=True)
-
-
-def zero_shot_head(encode_text: TextEncoder, task: CLIPTask, logit_scale: float) -> ZeroShotHead:
-    """The zero-shot head of ``task`` (``logit_scale`` = exp of the model's logit_scale, 100 for OpenAI)."""
-    return ZeroShotHead(zero_shot_weights(encode_text, task.classnames, task.templates), logit_scale)
-
-
-# ----------------------------------------------------------------------------- data
-@runtime_checkable
-class ImageTaskData(Protocol):
-    """Labelled uint8 images per (task, split); split is ``"test"`` (evaluation) or ``"train"``."""
-
-    def labels(self, task: str, split: str) -> list[int]: ...
-
-    def images(self, task: str, split: str, indices: Sequence[int]) -> torch.Tensor | list[torch.Tensor]: ...
-
-
-class InMemoryImageData:
-    """``{(task, split): (uint8 images [N, H, W, C], labels [N])}``."""
-
-    def __init__(self, data: Mapping[tuple[str, str], tuple[torch.Tensor, torch.Tensor]]) -> None:
-        self.data = dict(data)
-
-    def _get(self, task: str, split: str) -> tuple[torch.Tensor, torch.Tensor]:
-        if (task, split) not in self.data:
-            raise MergeInputError(f"no {split!r} data for task {task!r}")
-        return self.data[(task, split)]
-
-    def labels(self, task: str, split: str) -> list[int]:
-        return [int(y) for y in self._get(task, split)[1].tolist()]
-
-    def images(self, task: str, split: str, indices: Sequence[int]) -> torch.Tensor:
-        return self._get(task, split)[0][torch.as_tensor(list(indices), dtype=torch.long)]
-
-
-class HFImageData:  # pragma: no cover - needs the `datasets` package and the hub (or its cache)
-    """Images and labels of the CLIP tasks from their Hugging Face datasets (``clip_tasks``).
-
-    ``"test"`` reads the task's evaluation split (``validation`` for food101), ``"train"`` its
-    train split. The image column is the first of ``image``/``img``/``jpg``/``png``, the label
-    column the first of ``label``/``labels``/``fine_label``/``cls`` (booleans become 0/1).
-    """
-
-    IMAGE_COLUMNS = ("image", "img", "jpg", "png")
-    LABEL_COLUMNS = ("label", "labels", "fine_label", "cls")
-
-    def __init__(self, tasks: Mapping[str, CLIPTask] | None = None, cache_dir: str | None = None) -> None:
-        self.tasks = dict(tasks) if tasks is not None else dict(CLIP_TASKS)
-        self.cache_dir = cache_dir
-        self._ds: dict[tuple[str, str], Any] = {}
-        self._labels: dict[tuple[str, str], list[int]] = {}
-
-    def _dataset(self, task: str, split: str) -> Any:
-        if (task, split) not in self._ds:
-            import datasets
-
-            info = self.tasks[task]
-            name = {"test": info.eval_split, "train": info.train_split}.get(split, split)
-            ds = datasets.load_dataset(info.dataset, info.dataset_config, split=name, cache_dir=self.cache_dir)
-            self._ds[(task, split)] = ds
-        return self._ds[(task, split)]
-
-    def _column(self, ds: Any, options: Sequence[str], what: str) -> str:
-        for c in options:
-            if c in ds.column_names:
-                return c
-        raise MergeInputError(f"dataset has no {what} column among {list(options)}: {ds.column_names}")
-
-    def labels(self, task: str, split: str) -> list[int]:
-        if (task, split) not in self._labels:
-            ds = self._dataset(task, split)
-            col = self._column(ds, self.LABEL_COLUMNS, "label")
-            self._labels[(task, split)] = [int(y) for y in ds[col]]
-        return self._labels[(task, split)]
-
-    def images(self, task: str, split: str, indices: Sequence[int]) -> list[torch.Tensor]:
-        import numpy as np
-
-        ds = self._dataset(task, split)
-        col = self._column(ds, self.IMAGE_COLUMNS, "image")
-        rows = ds.select(list(indices))[col]
-        return [torch.from_numpy(np.asarray(im.convert("RGB"), dtype=np.uint8).copy()) for im in rows]
-
-
-# ----------------------------------------------------------------------------- checkpoints
-def checkpoint_source(mapping: Mapping[str, str], cache_dir: str | None = None,
-                      local_files_only: bool = False) -> CheckpointSource:
-    """task → state dict, from a local file/folder (``madeit_core.io.load_checkpoint``) or a hub id
-    (``huggingface_hub.snapshot_download`` of its safetensors, else its ``.bin``, and config)."""
-
-    def load(task: str) -> Mapping[str, torch.Tensor]:
-        if task not in mapping:
-            raise MergeInputError(f"no checkpoint for task {task!r}")
-        ref = mapping[task]
-        if Path(ref).exists():
-            return load_checkpoint(ref)
-        from huggingface_hub import snapshot_download  # pragma: no cover - needs the hub or its cache
-
-        folder = snapshot_download(ref, allow_patterns=["*.json", "*.safetensors"], cache_dir=cache_dir,
-                                   local_files_only=local_files_only)
-        if not any(Path(folder).glob("*.safetensors")):
-            folder = snapshot_download(ref, allow_patterns=["*.json", "*.bin"], cache_dir=cache_dir,
-                                       local_files_only=local_files_only)
-        return load_checkpoint(folder)
-
-    return load
 
 
 def fingerprint(sd: Mapping[str, torch.Tensor]) -> str:
@@ -221,6 +73,20 @@ def fingerprint(sd: Mapping[str, torch.Tensor]) -> str:
         h.update(str(tuple(t.shape)).encode())
         h.update(t.numpy().tobytes())
     return h.hexdigest()
+
+
+def resolve_tasks(tasks: Sequence[str], task_info: Mapping[str, CLIPTask] | None = None) -> dict[str, CLIPTask]:
+    """Task name → :class:`CLIPTask` (``task_info`` first, then the 20 known tasks)."""
+    info = dict(task_info or {})
+    out = {}
+    for t in tasks:
+        if t in info:
+            out[t] = info[t]
+        elif t in CLIP_TASKS:
+            out[t] = CLIP_TASKS[t]
+        else:
+            raise MergeInputError(f"unknown CLIP task {t!r}; known: {', '.join(CLIP_TASKS)} (or pass task_info)")
+    return out
 
 
 # ----------------------------------------------------------------------------- benchmark
@@ -337,129 +203,92 @@ class CLIPBenchmark:
 
     # ------------------------------------------------------------------ constructors
     @classmethod
+    def from_loader(cls, tasks: Sequence[str], loader: CLIPLoader, checkpoints: Mapping[str, str],
+                    data: ImageTaskData, device: str = "cpu", batch_size: int = 128,
+                    task_info: Mapping[str, CLIPTask] | None = None, check_mapping: bool = True,
+                    strict_mapping: bool = True, info: Mapping[str, Any] | None = None) -> CLIPBenchmark:
+        """The CLIP setting from any loader: θ0 and the text tower from ``loader.load_pretrained``,
+        every task's zero-shot head (class names and templates from ``task_info`` or
+        :data:`~madeit_core.backbones.clip_tasks.CLIP_TASKS`), fine-tuned weights from
+        ``loader.load_checkpoint(checkpoints[task])`` on demand.
+
+        With ``check_mapping`` the mapping is checked first
+        (:func:`~madeit_core.backbones.clip_tasks.check_checkpoint_mapping` against
+        ``loader.model_name``; ``strict_mapping``: a checkpoint whose name and metadata name no task
+        is refused rather than logged)."""
+        infos = resolve_tasks(tasks, task_info)
+        missing = [t for t in tasks if t not in checkpoints]
+        if missing:
+            raise MergeInputError(f"no checkpoint given for task(s) {missing}")
+        mapping = {t: str(checkpoints[t]) for t in tasks}
+        verified: dict[str, str] = {}
+        if check_mapping:
+            verified = check_checkpoint_mapping(mapping, loader.model_name,
+                                                known_tasks=sorted(set(CLIP_TASKS) | set(tasks)),
+                                                strict=strict_mapping)
+        parts = loader.load_pretrained(device=device)
+        heads = {t: zero_shot_head(parts.encode_text, infos[t], parts.logit_scale) for t in tasks}
+        desc = {"model": loader.model_name, "heads": "zero-shot (pre-trained text tower)",
+                "logit_scale": parts.logit_scale, "mapping_check": verified or "off",
+                "classes": {t: infos[t].num_classes for t in tasks}, **dict(info or {})}
+        return cls(parts.adapter, tasks, parts.encoder, heads=heads,
+                   checkpoints=lambda t: loader.load_checkpoint(mapping[t]), data=data,
+                   checkpoint_names=mapping, device=device, batch_size=batch_size, info=desc)
+
+    @classmethod
     def from_hub(cls, tasks: Sequence[str], model_name: str = "openai/clip-vit-base-patch32",
                  checkpoints: Mapping[str, str] | None = None, data: ImageTaskData | None = None,
                  device: str = "cpu", batch_size: int = 128, cache_dir: str | None = None,
-                 local_files_only: bool = False, check_mapping: bool = True) -> CLIPBenchmark:  # pragma: no cover
-        """The paper's setting: ``model_name`` from the hub (or its cache), the FusionBench
-        checkpoints ``tanganke/<model>_<task>`` (or ``checkpoints``: task → hub id / local path,
-        checked with :func:`~madeit_core.backbones.clip_tasks.check_checkpoint_mapping`), the
-        Hugging Face datasets, zero-shot heads from the pre-trained text tower."""
-        from madeit_core.backbones.hf_clip import HFCLIPVisionAdapter, hf_logit_scale, hf_text_encoder
-
-        for t in tasks:
-            get_task(t)
+                 local_files_only: bool = False, check_mapping: bool = True) -> CLIPBenchmark:
+        """The paper's setting: ``model_name`` (hub id or local folder) through
+        :class:`~madeit_core.backbones.clip_loaders.HFCLIPLoader`, the FusionBench checkpoints
+        ``tanganke/<model>_<task>`` (or ``checkpoints``: task → hub id / local path), the Hugging
+        Face datasets (or ``data``)."""
         mapping = dict(checkpoints) if checkpoints is not None else default_checkpoints(tasks, model_name)
-        missing = [t for t in tasks if t not in mapping]
-        if missing:
-            raise MergeInputError(f"no checkpoint given for task(s) {missing}")
-        if check_mapping:
-            check_checkpoint_mapping({t: mapping[t] for t in tasks}, model_name)
-        adapter = HFCLIPVisionAdapter(model_name, cache_dir=cache_dir, local_files_only=local_files_only)
-        clip = adapter.load_clip_model()
-        encode_text = hf_text_encoder(clip, adapter.load_tokenizer(), device=device)
-        scale = hf_logit_scale(clip)
-        encoder = adapter.encoder_from_clip(clip)
-        return cls(adapter, tasks, encoder, heads=lambda t: zero_shot_head(encode_text, get_task(t), scale),
-                   checkpoints=checkpoint_source(mapping, cache_dir, local_files_only),
-                   data=data if data is not None else HFImageData(cache_dir=cache_dir),
-                   checkpoint_names=mapping, device=device, batch_size=batch_size,
-                   info={"model": model_name, "heads": "zero-shot (text tower of the pre-trained CLIP)"})
+        loader = HFCLIPLoader(model_name, cache_dir=cache_dir, local_files_only=local_files_only)
+        return cls.from_loader(tasks, loader, mapping, data if data is not None else HFImageData(cache_dir=cache_dir),
+                               device=device, batch_size=batch_size, check_mapping=check_mapping)
+
+    @classmethod
+    def from_open_clip(cls, tasks: Sequence[str], checkpoints: Mapping[str, str], model_name: str = "ViT-B-32",
+                       pretrained: str | None = "openai", data: ImageTaskData | None = None, device: str = "cpu",
+                       batch_size: int = 128, cache_dir: str | None = None, check_mapping: bool = True,
+                       strict_mapping: bool = True) -> CLIPBenchmark:
+        """open_clip towers (:class:`~madeit_core.backbones.clip_loaders.OpenCLIPLoader`) with local
+        fine-tuned state-dict files (``checkpoints``: task → path), e.g. the task-vector
+        checkpoints saved as state dicts; data from the Hugging Face datasets unless ``data``."""
+        loader = OpenCLIPLoader(model_name, pretrained, cache_dir=cache_dir)
+        data = data if data is not None else HFImageData(cache_dir=cache_dir)
+        return cls.from_loader(tasks, loader, checkpoints, data, device=device, batch_size=batch_size,
+                               check_mapping=check_mapping, strict_mapping=strict_mapping)
 
     @classmethod
     def tiny(cls, tasks: Sequence[str] = ("sun397", "stanford-cars", "resisc45"), classes: int = 3,
-             n_test: int = 24, n_train: int = 24, source_size: int = 40, delta_scale: float = 0.05, seed: int = 0,
+             n_test: int = 24, n_train: int = 24, delta_scale: float = 0.05, seed: int = 0,
              device: str = "cpu", batch_size: int = 128) -> CLIPBenchmark:
-        """An offline CLIP benchmark on a tiny random ``CLIPModel`` (vision: hidden 32, 2 layers,
-        4 heads, patch 8, 32×32 images; text: hidden 32, 2 layers; embeddings of size 16;
-        exp(logit_scale) = 100). Per task: the first ``classes`` real class names and all real
-        templates of the task when it is one of the 20 (else synthetic names), ``n_test``/``n_train``
-        synthetic ``source_size``² uint8 images (class prototype + noise; resized and cropped by the
-        CLIP preprocessing), and a fine-tuned variant θ0 + δ, δ ~ N(0, (delta_scale · std θ)²) per
-        tensor, drawn from a per-task seed."""
-        from transformers import CLIPConfig, CLIPModel
+        """Offline: :class:`~madeit_core.backbones.tiny_clip.TinyHFCLIPLoader` (tiny random CLIP,
+        random task vectors of relative size ``delta_scale``), per task the first ``classes`` real
+        class names with all real templates (synthetic names for unknown tasks) and
+        :func:`~madeit_core.clip_data.synthetic_image_data`."""
+        from madeit_core.backbones.tiny_clip import TinyHFCLIPLoader
 
-        from madeit_core.backbones.hf_clip import HFCLIPVisionAdapter, hf_logit_scale, hf_text_encoder
-
-        vocab = 64
-        text_cfg = {"vocab_size": vocab, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-                    "num_attention_heads": 4, "max_position_embeddings": 16, "projection_dim": 16,
-                    "pad_token_id": 0, "bos_token_id": vocab - 2, "eos_token_id": vocab - 1}
-        vision_cfg = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
-                      "patch_size": 8, "image_size": 32, "projection_dim": 16}
-        config = CLIPConfig(text_config=text_cfg, vision_config=vision_cfg, projection_dim=16,
-                            logit_scale_init_value=math.log(100.0))
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            clip = CLIPModel(config).eval()
-        adapter = HFCLIPVisionAdapter(config=config)
-        adapter.name = "hf_clip_vision:tiny-random"
-        encoder = adapter.encoder_from_clip(clip)
-        encode_text = hf_text_encoder(clip, HashTokenizer(vocab, max_length=16))
-        scale = hf_logit_scale(clip)
-
-        task_info: dict[str, CLIPTask] = {}
+        info: dict[str, CLIPTask] = {}
         for t in tasks:
             if t in CLIP_TASKS:
                 real = CLIP_TASKS[t]
                 if real.num_classes < classes:
                     raise MergeInputError(f"task {t!r} has only {real.num_classes} classes")
-                task_info[t] = CLIPTask(t, real.classnames[:classes], real.templates, real.dataset,
-                                        real.dataset_config, real.eval_split)
+                info[t] = CLIPTask(t, real.classnames[:classes], real.templates, real.dataset,
+                                   real.dataset_config, real.eval_split)
             else:
-                task_info[t] = CLIPTask(t, tuple(f"{t} thing {c}" for c in range(classes)),
-                                        ("a photo of a {}.", "a drawing of a {}."), "synthetic", None, "test")
-        heads = {t: zero_shot_head(encode_text, info, scale) for t, info in task_info.items()}
-
-        theta0 = encoder.state_dict()
-        finetuned: dict[str, dict[str, torch.Tensor]] = {}
-        data: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]] = {}
-        for i, t in enumerate(tasks):
-            g = torch.Generator().manual_seed(1_000_003 * (seed + 1) + i)
-            sd = {}
-            for k, v in theta0.items():
-                if v.is_floating_point():
-                    std = float(v.float().std()) if v.numel() > 1 else 0.0
-                    std = std if std > 0 else 0.02
-                    sd[k] = v + delta_scale * std * torch.randn(v.shape, generator=g, dtype=v.dtype)
-                else:
-                    sd[k] = v.clone()
-            finetuned[t] = sd
-            protos = torch.rand(classes, source_size, source_size, 3, generator=g) * 255
-            for split, n in (("test", n_test), ("train", n_train)):
-                y = torch.arange(n) % classes
-                y = y[torch.randperm(n, generator=g)]
-                x = protos[y] * 0.7 + torch.rand(n, source_size, source_size, 3, generator=g) * 255 * 0.3
-                data[(t, split)] = (x.round().clamp(0, 255).to(torch.uint8), y)
-        names = {t: f"tiny-random/{t}" for t in tasks}
-        return cls(adapter, tasks, encoder, heads=heads, checkpoints=lambda t: finetuned[t],
-                   data=InMemoryImageData(data), checkpoint_names=names, device=device, batch_size=batch_size,
-                   info={"model": "tiny random CLIPModel", "seed": seed, "classes": classes, "n_test": n_test,
-                         "delta_scale": delta_scale,
-                         "note": "tiny randomly initialised CLIP, synthetic images and random task vectors; "
-                                 "not a result about real data"})
-
-
-class HashTokenizer:
-    """A stand-in tokenizer for tiny random text towers (no vocabulary files, no download): words and
-    punctuation → ids by CRC32 in [1, vocab − 3], wrapped in BOS (vocab − 2) … EOS (vocab − 1),
-    padded with 0 to the longest text (truncated to ``max_length``). Returns ``input_ids`` and
-    ``attention_mask`` as a Hugging Face tokenizer does."""
-
-    def __init__(self, vocab_size: int, max_length: int) -> None:
-        self.vocab_size, self.max_length = vocab_size, max_length
-        self.bos, self.eos, self.pad = vocab_size - 2, vocab_size - 1, 0
-
-    def __call__(self, texts: Sequence[str], **_: Any) -> dict[str, torch.Tensor]:
-        rows = []
-        for text in texts:
-            words = re.findall(r"\w+|[^\w\s]", text.lower())
-            ids = [1 + zlib.crc32(w.encode()) % (self.vocab_size - 3) for w in words][: self.max_length - 2]
-            rows.append([self.bos, *ids, self.eos])
-        width = max(len(r) for r in rows)
-        input_ids = torch.tensor([r + [self.pad] * (width - len(r)) for r in rows])
-        mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
-        return {"input_ids": input_ids, "attention_mask": mask}
+                info[t] = CLIPTask(t, tuple(f"{t} thing {c}" for c in range(classes)),
+                                   ("a photo of a {}.", "a drawing of a {}."), "synthetic", None, "test")
+        return cls.from_loader(tasks, TinyHFCLIPLoader(seed, delta_scale), {t: f"tiny-random/{t}" for t in tasks},
+                               synthetic_image_data(tasks, classes, n_test, n_train, seed=seed), device=device,
+                               batch_size=batch_size, task_info=info,
+                               info={"seed": seed, "n_test": n_test, "delta_scale": delta_scale,
+                                     "note": "tiny randomly initialised CLIP, synthetic images and random task "
+                                             "vectors; not a result about real data"})
 
 
 def make_clip_benchmark(group: str, profile: str = "clip", device: str = "cpu") -> tuple[CLIPBenchmark, list[str]]:
@@ -468,9 +297,9 @@ def make_clip_benchmark(group: str, profile: str = "clip", device: str = "cpu") 
     - ``clip-tiny-N`` (1 ≤ N ≤ 20), any profile: :meth:`CLIPBenchmark.tiny` on the first N tasks of
       TALL20 (config order), offline.
     - ``clip-8`` / ``clip-14`` / ``clip-20`` with profile ``smoke``: the same tiny offline benchmark
-      on the group's tasks (for CI and notebook smoke runs);
-      with profile ``clip`` (= ``clip-b32``), ``clip-b16`` or ``clip-l14``: the real setting,
-      :meth:`CLIPBenchmark.from_hub` with ViT-B/32, B/16 or L/14.
+      on the group's tasks (CI and notebook smoke runs); with profile ``clip`` (= ``clip-b32``),
+      ``clip-b16`` or ``clip-l14``: the real setting, :meth:`CLIPBenchmark.from_hub` with ViT-B/32,
+      B/16 or L/14 (``HF_HOME``/``HF_HUB_OFFLINE`` as usual for Hugging Face).
     """
     from madeit_core.protocol import CLIP_TALL20, TASK_GROUPS, register_group
 

@@ -314,9 +314,11 @@ def open_clip_text_encoder(clip_model: nn.Module, tokenizer: Callable[[list[str]
     return encode
 
 
-#: a tiny open_clip config for tests (no download): 2 blocks of width 32, 4 heads, 32×32 images
+#: a tiny open_clip config for tests (no download): 2 vision blocks of width 32, 4 heads, 32×32
+#: images; a 1-block text tower of width 32 with open_clip's own vocabulary (49408 tokens, so the
+#: bundled ``SimpleTokenizer`` works) and 32-token contexts
 TINY_OPEN_CLIP_CFG: dict[str, Any] = {
     "embed_dim": 16,
     "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "head_width": 8, "patch_size": 8},
-    "text_cfg": {"context_length": 16, "vocab_size": 64, "width": 32, "heads": 4, "layers": 1},
+    "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 32, "heads": 4, "layers": 1},
 }
