@@ -282,7 +282,7 @@ def test_protocol_end_to_end_on_tiny_clip(kind: str, hf_setting: dict[str, objec
         assert _same(bench.pretrained().state_dict(), open_clip_setting["theta0"])
     out = tmp_path / "runs"
     results = {}
-    for method in ("made_it", "task_arithmetic", "opcm", "pretrained"):
+    for method in ("made_it", "task_arithmetic", "opcm", "adamerging", "pretrained"):
         spec = RunSpec(method=method, group=f"clip-{kind}", tasks=TASKS, profile="test")
         results[method] = run_continual(spec, bench, out, show_progress=False)
         _check_results(results[method], out / "test" / f"clip-{kind}" / method / "seed42.json", len(TASKS))
@@ -297,7 +297,9 @@ def test_protocol_end_to_end_on_tiny_clip(kind: str, hf_setting: dict[str, objec
     theta0.load_state_dict(merged)
     by_hand = [bench.evaluate(theta0, t)["accuracy"] for t in order]
     assert results["task_arithmetic"]["a_Ti"] == pytest.approx(by_hand, abs=1 / 12 + 1e-9)
-    assert results["made_it"]["method_summary"] is not None
+    assert results["made_it"]["method_summary"] is not None and results["made_it"]["data_used"] == {}
+    # the data-using path: 5 unlabeled test images per class, or all of a smaller class (3 classes of 4 here)
+    assert results["adamerging"]["data_used"]["images_per_task"] == {f"{t}:test": 12 for t in TASKS}
 
 
 def test_make_benchmark_clip_smoke_and_errors() -> None:
