@@ -2,6 +2,9 @@
 
 - ``toy``: the synthetic tiny-ViT suite (:mod:`madeit_core.toy`); groups ``toy-N``.
 - ``zoo``: the offline benchmark built by :mod:`madeit_core.zoo` on the data mirror.
+- ``clip``: the paper's CLIP setting (:mod:`madeit_core.clip_benchmark`); groups ``clip-8``,
+  ``clip-14``, ``clip-20`` (profile ``clip``/``clip-b32``, ``clip-b16``, ``clip-l14``: the real
+  models from the hub; profile ``smoke``: a tiny random CLIP, offline) and ``clip-tiny-N``.
 """
 
 from __future__ import annotations
@@ -23,4 +26,8 @@ def make_benchmark(name: str, group: str, profile: str = "smoke", device: str = 
         from madeit_core import zoo
 
         return zoo.make_benchmark(group, profile=profile, device=device)
-    raise MergeInputError(f"unknown benchmark {name!r} (toy, zoo)")
+    if name == "clip":
+        from madeit_core.clip_benchmark import make_clip_benchmark
+
+        return make_clip_benchmark(group, profile=profile, device=device)
+    raise MergeInputError(f"unknown benchmark {name!r} (toy, zoo, clip)")
