@@ -138,6 +138,17 @@ def _cmd_zoo_build(a: argparse.Namespace) -> int:
           f"{bench.zoo.adapter.image_size} px, cache {bench.zoo.cache}, data {bench.zoo.source.describe()}")
     manifests = bench.zoo.build(tasks, force=a.force)
     print(format_table([summary_row(m) for m in manifests]))
+    if a.report:
+        from madeit_core.io import write_json
+        from madeit_core.zoo import zoo_report
+
+        rep = zoo_report(manifests, a.group)
+        write_json(a.report, rep)
+        c = rep["checks"]
+        print(f"wrote {a.report}: fine-tuned − probe = {100 * rep['average']['gain']:+.2f} points "
+              f"(≥ {100 * c['min_gain']:.0f}: {c['gain_ok']}); every fine-tuned beats its probe: "
+              f"{c['every_finetuned_beats_probe']}"
+              + (f" (not: {', '.join(c['not_beating'])})" if c["not_beating"] else ""))
     return 0
 
 
@@ -228,6 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     zb.add_argument("--cache", help="zoo cache folder (default $MADEIT_CACHE/zoo or ~/.cache/madeit/zoo)")
     zb.add_argument("--threads", type=int, help="torch CPU threads")
     zb.add_argument("--force", action="store_true", help="rebuild tasks that are cached")
+    zb.add_argument("--report", help="write the zoo's summary JSON (accuracies, times, recipe; no weights) here")
     zb.set_defaults(func=_cmd_zoo_build)
 
     d = sub.add_parser("data", help="the offline data: check the mirror, make a pack, fetch from the internet")

@@ -537,6 +537,40 @@ class ZooBenchmark:
         return [summary_row(self.zoo.manifest(t)) for t in self.tasks]
 
 
+def zoo_report(manifests: list[Mapping[str, Any]], group: str, min_gain: float = 0.10) -> dict[str, Any]:
+    """The committed summary of a built zoo: per task probe and fine-tuned accuracy, data counts,
+    wall times and the recipe, plus the two benchmark checks of the issue: the fine-tuned average is
+    at least ``min_gain`` above the probe average, and every fine-tuned model beats its probe.
+    Checkpoints are not included (they stay in the cache)."""
+    if not manifests:
+        raise MergeInputError("zoo_report: no manifests")
+    rows = []
+    for m in manifests:
+        r = summary_row(m)
+        r.pop("cached", None)
+        r.update({"key": m["key"], "n_probe_rows": m["data"].get("n_probe_rows"),
+                  "n_finetune_rows": m["data"].get("n_finetune_rows"), "probe_l2": m["probe"].get("l2"),
+                  "wall_s_detail": m["wall_s"], "train_accuracy_last_fifth": m["finetune"]["train_accuracy_last_fifth"],
+                  "data_source": {k: m["data"].get(k) for k in ("source", "root", "path", "base", "transform")
+                                  if m["data"].get(k) is not None}})
+        rows.append(r)
+    probe = sum(r["probe"] for r in rows) / len(rows)
+    ft = sum(r["finetuned"] for r in rows) / len(rows)
+    first = manifests[0]
+    return {"group": group, "profile": first["profile"], "backbone": first["config"]["backbone"],
+            "image_size": first["config"]["image_size"],
+            "recipe": {k: first["config"][k] for k in ("steps", "batch_size", "lr", "weight_decay", "warmup_steps",
+                                                      "probe_l2", "probe_holdout", "probe_fraction", "recipe_version",
+                                                      "seed") if k in first["config"]},
+            "tasks": rows, "average": {"probe": probe, "finetuned": ft, "gain": ft - probe},
+            "checks": {"min_gain": min_gain, "gain_ok": ft - probe >= min_gain,
+                       "every_finetuned_beats_probe": all(r["finetuned"] > r["probe"] for r in rows),
+                       "not_beating": [r["task"] for r in rows if r["finetuned"] <= r["probe"]]},
+            "wall_s_total": sum(r["wall_s"] for r in rows), "versions": first["versions"],
+            "hardware": first["hardware"], "device": first.get("device"),
+            "built_utc": [m.get("finished_utc") for m in manifests]}
+
+
 def summary_row(m: Mapping[str, Any]) -> dict[str, Any]:
     return {"task": m["task"], "classes": m["num_classes"], "n_train": m["data"]["n_train"],
             "n_test": m["data"]["n_test_eval"], "probe": m["accuracy"]["probe"],

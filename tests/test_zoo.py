@@ -136,3 +136,20 @@ def test_unknown_profile_and_clip_profile_are_clear(tiny):
         profiles.get_profile("huge")
     with pytest.raises(MergeInputError, match="paper's CLIP setting"):
         Zoo("clip", cache_dir=tiny / "zoo", show_progress=False)
+
+
+def test_zoo_report_checks(tiny):
+    from madeit_core.zoo import zoo_report
+
+    ms = _zoo(tiny).build(["digits", "digits_inverted"])
+    rep = zoo_report(ms, "smoke-digits-4")
+    assert [r["task"] for r in rep["tasks"]] == ["digits", "digits_inverted"]
+    gain = rep["average"]["finetuned"] - rep["average"]["probe"]
+    assert rep["average"]["gain"] == pytest.approx(gain) and rep["checks"]["gain_ok"] == (gain >= 0.10)
+    assert rep["checks"]["every_finetuned_beats_probe"] == all(r["finetuned"] > r["probe"] for r in rep["tasks"])
+    assert "cached" not in rep["tasks"][0] and rep["recipe"]["steps"] == TINY.steps
+    forged = [dict(m, accuracy={"probe": 0.9, "finetuned": 0.5}) for m in ms]
+    bad = zoo_report(forged, "g")
+    assert not bad["checks"]["gain_ok"] and bad["checks"]["not_beating"] == ["digits", "digits_inverted"]
+    with pytest.raises(MergeInputError, match="no manifests"):
+        zoo_report([], "g")
