@@ -157,7 +157,61 @@ def _make_context(bench: Benchmark, spec: RunSpec, device: str, show_progress: b
         show_progress=show_progress)
 
 
-def _evaluate(method: ContinualMethod, bench: Benchmark, task: str) -> dict[str, Any]:
+class EvalCache:
+    """Evaluations already made of the very same weights on the same benchmark task.
+
+    Keyed by the method's :meth:`~madeit_core.methods.base.ContinualMethod.eval_fingerprint`, the
+    task, the benchmark's description and the device; held in memory and, with ``folder``, as one
+    small JSON file per key (atomic), so that θ0, the individual models and order-independent merges
+    are evaluated once across orders and processes. Methods without a fingerprint (MADE-IT's routed
+    model, the MoE rivals, ODE-M) are always evaluated.
+    """
+
+    def __init__(self, folder: str | os.PathLike[str] | None = None) -> None:
+        self.folder = Path(folder) if folder is not None else None
+        self.mem: dict[str, dict[str, Any]] = {}
+        self.hits = 0
+
+    @staticmethod
+    def key(fingerprint: str, task: str, bench_hash: str, device: str) -> str:
+        return hashlib.sha256(f"{fingerprint}|{task}|{bench_hash}|{device}".encode()).hexdigest()[:32]
+
+    def get(self, key: str) -> dict[str, Any] | None:
+        if key in self.mem:
+            return dict(self.mem[key])
+        if self.folder is not None:
+            f = self.folder / f"{key}.json"
+            if f.is_file():
+                try:
+                    self.mem[key] = read_json(f)
+                    return dict(self.mem[key])
+                except MergeInputError:
+                    log.warning("evaluation cache: ignoring damaged %s", f)
+        return None
+
+    def put(self, key: str, res: dict[str, Any]) -> None:
+        self.mem[key] = dict(res)
+        if self.folder is not None:
+            write_json(self.folder / f"{key}.json", res)
+
+
+def _evaluate(method: ContinualMethod, bench: Benchmark, task: str, cache: EvalCache | None = None,
+              cache_ctx: tuple[str, str] | None = None) -> dict[str, Any]:
+    fp = method.eval_fingerprint(task) if cache is not None and cache_ctx is not None else None
+    key = None
+    if fp is not None and cache is not None and cache_ctx is not None:
+        key = EvalCache.key(fp, task, *cache_ctx)
+        hit = cache.get(key)
+        if hit is not None:
+            cache.hits += 1
+            return hit
+    res = _evaluate_now(method, bench, task)
+    if key is not None and cache is not None:
+        cache.put(key, {k: v for k, v in res.items() if isinstance(v, (int, float, str)) or v is None})
+    return res
+
+
+def _evaluate_now(method: ContinualMethod, bench: Benchmark, task: str) -> dict[str, Any]:
     model = method.model_for_task(task)
     reset = getattr(model, "reset_routing_log", None)
     if callable(reset):
@@ -169,10 +223,29 @@ def _evaluate(method: ContinualMethod, bench: Benchmark, task: str) -> dict[str,
     return res
 
 
+_CACHES: dict[str, EvalCache] = {}
+
+
+def _shared_cache(out_dir: str | os.PathLike[str] | None) -> EvalCache:
+    """One cache per results folder, shared by the runs of a process; a fresh in-memory one per run
+    without a folder."""
+    if out_dir is None:
+        return EvalCache(None)
+    k = str(Path(out_dir).resolve())
+    if k not in _CACHES:
+        _CACHES[k] = EvalCache(Path(out_dir) / "_evalcache")
+    return _CACHES[k]
+
+
 def run_continual(spec: RunSpec, bench: Benchmark, out_dir: str | os.PathLike[str] | None = None,
                   method: ContinualMethod | None = None, device: str = "cpu", resume: bool = True,
-                  show_progress: bool = True, stop_after: int | None = None) -> dict[str, Any]:
+                  show_progress: bool = True, stop_after: int | None = None,
+                  eval_cache: EvalCache | bool = True) -> dict[str, Any]:
     """Run ``spec`` on ``bench``; write and return the results dict.
+
+    ``eval_cache``: reuse evaluations of identical weights (:class:`EvalCache`; with ``out_dir``
+    they persist in ``<out_dir>/_evalcache``); False evaluates everything afresh. The numbers are
+    the same either way: a hit returns what evaluating those weights gave.
 
     With ``out_dir`` set, the partial results and the method state are saved after every step
     (``<file>.partial.json`` and ``<file>.state.safetensors``) and a later call with the same spec
@@ -188,6 +261,13 @@ def run_continual(spec: RunSpec, bench: Benchmark, out_dir: str | os.PathLike[st
         raise MergeInputError(f"benchmark has no task(s) {missing}; it has {bench.tasks}")
     bench_desc = bench.describe()
     key = spec.key(bench_desc)
+    if eval_cache is True:
+        cache: EvalCache | None = _shared_cache(out_dir)
+    else:
+        cache = eval_cache or None
+    bench_hash = hashlib.sha256(json.dumps(bench_desc, sort_keys=True, default=str).encode()).hexdigest()
+    cache_ctx = (bench_hash, str(device))
+    hits0 = cache.hits if cache is not None else 0
     path = results_path(out_dir, spec) if out_dir is not None else None
     partial = path.with_suffix(".partial.json") if path else None
     state_file = path.with_suffix(".state.safetensors") if path else None
@@ -226,7 +306,7 @@ def run_continual(spec: RunSpec, bench: Benchmark, out_dir: str | os.PathLike[st
         routing: dict[str, float] = {}
         for j, t in enumerate(order):
             if t in evaluated:
-                res = _evaluate(method, bench, t)
+                res = _evaluate(method, bench, t, cache, cache_ctx)
                 acc[i][j] = res["accuracy"]
                 if "routing_accuracy" in res:
                     routing[t] = res["routing_accuracy"]
@@ -244,7 +324,7 @@ def run_continual(spec: RunSpec, bench: Benchmark, out_dir: str | os.PathLike[st
     final_routing: dict[str, float] = {}
     for j, t in enumerate(order):
         if acc[T - 1][j] is None:
-            res = _evaluate(method, bench, t)
+            res = _evaluate(method, bench, t, cache, cache_ctx)
             acc[T - 1][j] = res["accuracy"]
             if "routing_accuracy" in res:
                 final_routing[t] = res["routing_accuracy"]
@@ -262,7 +342,8 @@ def run_continual(spec: RunSpec, bench: Benchmark, out_dir: str | os.PathLike[st
         "method_summary": meta.get("summary"),
         "steps": steps,
         "timings": {"absorb_s": sum(s["absorb_s"] for s in steps), "eval_s": sum(s["eval_s"] for s in steps),
-                    "final_eval_s": t_final, "wall_s_this_process": time.perf_counter() - t_run},
+                    "final_eval_s": t_final, "wall_s_this_process": time.perf_counter() - t_run,
+                    "eval_cache_hits_this_process": (cache.hits - hits0) if cache is not None else 0},
         "benchmark": bench_desc, "key": key,
         "manifest": {"library_version": madeit_core.__version__, "git_commit": git_commit(),
                      "hardware": hardware(), "device": device,

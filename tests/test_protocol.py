@@ -81,3 +81,48 @@ def test_bad_runs(bench: ToyBenchmark) -> None:
         run_continual(RunSpec(method="swa", group="toy", tasks=["nope"]), bench, show_progress=False)
     with pytest.raises(MergeInputError, match="unknown method"):
         run_continual(RunSpec(method="nope", group="toy", tasks=bench.tasks), bench, show_progress=False)
+
+
+def test_evaluation_cache_reuses_identical_weights_only(tmp_path):
+    from madeit_core.protocol import EvalCache
+
+    bench = ToyBenchmark(num_tasks=3, steps=30)
+    tasks = list(bench.tasks)
+    calls: list[str] = []
+    real = bench.evaluate
+
+    def counting(model, task):
+        calls.append(task)
+        return real(model, task)
+
+    bench.evaluate = counting  # type: ignore[method-assign]
+    # θ0 is the same model at every step: each task is evaluated once, then served from the cache
+    # (a run makes 2T − 1 evaluations: a_ii at each step, then a_Ti for the T − 1 earlier tasks)
+    spec = RunSpec(method="pretrained", group="g", tasks=tasks)
+    cached = run_continual(spec, bench, tmp_path / "a", show_progress=False)
+    assert sorted(calls) == sorted(tasks) and cached["timings"]["eval_cache_hits_this_process"] == 2
+    calls.clear()
+    fresh = run_continual(spec, bench, None, show_progress=False, eval_cache=False)
+    assert len(calls) == 5 and fresh["acc_matrix"] == cached["acc_matrix"]
+    # the individual models: each evaluated once over all orders
+    calls.clear()
+    ind = [run_continual(RunSpec(method="individual", group="g", run=r, tasks=tasks), bench, tmp_path / "b",
+                         show_progress=False) for r in (0, 1)]
+    assert ind[0]["order"] != ind[1]["order"] and len(calls) == 3
+    # SWA's running mean in another order is not bit-identical: no false reuse, the same numbers as without cache
+    calls.clear()
+    swa = [run_continual(RunSpec(method="swa", group="g", run=r, tasks=tasks), bench, tmp_path / "b",
+                         show_progress=False) for r in (0, 1)]
+    # 2 × 5 evaluations, less the two first steps: SWA of one model is that fine-tuned model, bit for bit,
+    # which the individual runs above already evaluated
+    assert len(calls) == 8
+    again = run_continual(RunSpec(method="swa", group="g", run=1, tasks=tasks), bench, None, show_progress=False,
+                          eval_cache=False)
+    assert again["acc_matrix"] == swa[1]["acc_matrix"]
+    # persisted: a new process (a new cache object on the same folder) hits the files
+    c = EvalCache(tmp_path / "a" / "_evalcache")
+    assert len(list((tmp_path / "a" / "_evalcache").glob("*.json"))) == 3
+    # MADE-IT's routed model has no fingerprint: always evaluated
+    calls.clear()
+    run_continual(RunSpec(method="made_it", group="g", tasks=tasks), bench, tmp_path / "c", show_progress=False)
+    assert len(calls) == 5 and c.hits == 0

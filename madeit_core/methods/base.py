@@ -80,6 +80,7 @@ class ContinualMethod(ABC):
         if not isinstance(pretrained, nn.Module):
             raise MergeInputError(f"setup needs the pre-trained nn.Module, got {type(pretrained).__name__}")
         self.pretrained = pretrained
+        self._theta0_fp: str | None = None
         self.theta0 = {k: v.detach().clone() for k, v in as_state_dict(pretrained, "pre-trained model").items()}
         check_pretrained(self.theta0)
         self.ctx = ctx if ctx is not None else MergeContext()
@@ -116,6 +117,23 @@ class ContinualMethod(ABC):
     def save_artifacts(self, folder: str | Path) -> None:
         """Write what the figures need beyond the results file (MADE-IT: its bank). No-op here."""
         return None
+
+    def eval_fingerprint(self, task: str) -> str | None:
+        """A hash that fixes the model ``model_for_task(task)`` would return, or None.
+
+        Methods whose evaluated model is a plain set of weights on θ0's module return the hash of
+        those weights, so the protocol can reuse an evaluation it has already made of the very same
+        weights (θ0 in every order, the same fine-tuned model, order-independent merges such as SWA
+        and TA after the last step). None (the default) means: always evaluate.
+        """
+        return None
+
+    def _theta0_fingerprint(self) -> str:
+        fp: str | None = getattr(self, "_theta0_fp", None)
+        if fp is None:
+            fp = state_fingerprint(self.theta0)
+            self._theta0_fp = fp
+        return fp
 
     # ----------------------------------------------------------------- state
     def hparams(self) -> dict[str, Any]:
@@ -157,12 +175,28 @@ class ContinualMethod(ABC):
         return [m.key for m in self.ctx.modules]
 
 
+def state_fingerprint(sd: Mapping[str, torch.Tensor]) -> str:
+    """sha256 over the sorted keys, dtypes, shapes and bytes of a state dict."""
+    h = hashlib.sha256()
+    for k in sorted(sd):
+        t = sd[k].detach().cpu().contiguous()
+        h.update(f"{k}|{t.dtype}|{tuple(t.shape)}|".encode())
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 class StaticMergeMethod(ContinualMethod):
     """A method whose merged model is a single set of weights ``self.merged`` (a state dict)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.merged: StateDict = {}
+
+    def eval_fingerprint(self, task: str) -> str | None:
+        if not self.merged:
+            return self._theta0_fingerprint()
+        return hashlib.sha256((self._theta0_fingerprint() + state_fingerprint(self.merged)).encode()).hexdigest()
 
     def merged_model(self) -> nn.Module:
         return self.model_with(self.merged if self.merged else self.theta0)

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
 import torch
@@ -17,7 +18,7 @@ from torch import nn
 
 from madeit_core.errors import MergeInputError
 from madeit_core.methods import register
-from madeit_core.methods.base import ContinualMethod
+from madeit_core.methods.base import ContinualMethod, state_fingerprint
 from madeit_core.statedict import StateDict
 
 
@@ -32,6 +33,9 @@ class PretrainedReference(ContinualMethod):
 
     def merged_model(self) -> nn.Module:
         return self.model_with(self.theta0)
+
+    def eval_fingerprint(self, task: str) -> str | None:
+        return self._theta0_fingerprint()
 
     def summary(self) -> dict[str, Any]:
         return {"note": "pre-trained model θ0 on every task; no merging"}
@@ -55,6 +59,11 @@ class IndividualReference(ContinualMethod):
 
     def _absorb(self, task: str, finetuned: StateDict) -> None:
         self.models[task] = {k: v.detach().cpu().clone() for k, v in finetuned.items()}
+
+    def eval_fingerprint(self, task: str) -> str | None:
+        if task not in self.models:
+            return None
+        return hashlib.sha256((self._theta0_fingerprint() + state_fingerprint(self.models[task])).encode()).hexdigest()
 
     def model_for_task(self, task: str) -> nn.Module:
         if task not in self.models:
