@@ -31,6 +31,7 @@ from pathlib import Path
 
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
 PROBE_ID = "__book_check_probe__"
+MAX_HEIGHT = 16000  # px: the tallest full-page screenshot
 PROBE_JS = r"""
 <script>
 (function () {
@@ -75,7 +76,8 @@ PROBE_JS = r"""
       bad_images: badImages,
       network: network,
       tracebacks: document.querySelectorAll(".output.traceback, .cell_output .traceback").length,
-      mathjax_error: mathjaxError || null
+      mathjax_error: mathjaxError || null,
+      height: Math.max(document.body.scrollHeight, document.documentElement.scrollHeight)
     };
     var pre = document.createElement("pre");
     pre.id = "__PROBE__";
@@ -171,7 +173,7 @@ def problems_of(probe: dict) -> list[str]:
 
 
 def check_page(browser: str, root: Path, page: Path, out: Path, width: int, height: int,
-               timeout: float) -> PageResult:
+               timeout: float, full_page: bool = True) -> PageResult:
     rel = page.relative_to(root).as_posix()
     result = PageResult(rel)
     try:
@@ -180,6 +182,8 @@ def check_page(browser: str, root: Path, page: Path, out: Path, width: int, heig
     except (RuntimeError, subprocess.TimeoutExpired, json.JSONDecodeError) as exc:
         result.problems.append(f"probe failed: {exc}")
     shot = out / (rel[: -len(".html")].replace("/", "__") + ".png")
+    if full_page and result.probe and result.probe.get("height"):
+        height = int(min(max(height, result.probe["height"]), MAX_HEIGHT))
     try:
         screenshot(browser, page, shot, width, height, timeout)
         result.screenshot = str(shot)
@@ -207,7 +211,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="_build/screenshots", help="where screenshots and report.json go")
     ap.add_argument("--browser", help=f"Chromium executable (default: the first of {', '.join(BROWSERS)} on PATH)")
     ap.add_argument("--width", type=int, default=1280)
-    ap.add_argument("--height", type=int, default=1600)
+    ap.add_argument("--height", type=int, default=900, help="minimum screenshot height (px)")
+    ap.add_argument("--viewport-only", action="store_true",
+                    help="screenshot the first --height pixels instead of the whole page")
     ap.add_argument("--timeout", type=float, default=90.0, help="seconds per browser call")
     ap.add_argument("--jobs", type=int, default=max(1, min(2, os.cpu_count() or 1)))
     args = ap.parse_args(argv)
@@ -226,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     pages = pages_of(root)
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         results = list(pool.map(lambda p: check_page(browser, root, p, out, args.width, args.height,
-                                                      args.timeout), pages))
+                                                      args.timeout, not args.viewport_only), pages))
     report = out / "report.json"
     tmp = report.with_suffix(".json.tmp")
     tmp.write_text(json.dumps([asdict(r) for r in results], indent=1), encoding="utf-8")

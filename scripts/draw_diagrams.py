@@ -31,7 +31,7 @@ from madeit_core.modules import ModuleSpec  # noqa: E402
 from madeit_core.routing import route_path  # noqa: E402
 
 CONSOLIDATE, CREATE, NEUTRAL, MUTED = "#2e7d32", "#ef6c00", "#1565c0", "#9e9e9e"
-plt.rcParams.update({"font.size": 10, "svg.hashsalt": "madeit-book", "svg.fonttype": "path"})
+plt.rcParams.update({"font.size": 12, "svg.hashsalt": "madeit-book", "svg.fonttype": "path"})
 
 
 def _save(fig: plt.Figure, path: Path) -> None:
@@ -142,20 +142,20 @@ def _evolution_panel(ax: plt.Axes, decisions: list[Decision], snapshots: list[li
                      n_max: int, title: str) -> None:
     T = len(decisions)
     ax.set_xlim(-0.9, T - 0.2)
-    ax.set_ylim(-1.2, n_max + 0.75)
+    ax.set_ylim(-1.35, n_max + 0.8)
     ax.axis("off")
-    ax.text(-0.85, n_max + 0.6, title, fontsize=11, weight="bold", va="center")
+    ax.text(-0.85, n_max + 0.62, title, fontsize=13, weight="bold", va="center")
     for j in range(max(len(e) for e in snapshots)):
-        ax.text(-0.85, n_max - 0.5 - j, f"$E_{j + 1}$", fontsize=11, va="center")
+        ax.text(-0.85, n_max - 0.5 - j, f"$E_{j + 1}$", fontsize=13, va="center")
     for i, (dec, experts) in enumerate(zip(decisions, snapshots)):
-        ax.text(i + 0.25, n_max + 0.02, f"after {dec.task}", ha="center", fontsize=10)
+        ax.text(i + 0.25, n_max + 0.02, f"after {dec.task}", ha="center", fontsize=11.5)
         for j, tasks in enumerate(experts):
             hit = j == dec.expert
             color = {"first": NEUTRAL, "create": CREATE, "consolidate": CONSOLIDATE}.get(dec.action, NEUTRAL)
             fill = ("#f1f8e9" if dec.action == "consolidate" else "#fff3e0" if dec.action == "create"
                     else "white") if hit else "white"
-            _box(ax, i + 0.25, n_max - 0.5 - j, 0.86, 0.58, "{" + ", ".join(tasks) + "}",
-                 color if hit else MUTED, fill=fill, lw=2.2 if hit else 1.0, fontsize=8.5)
+            _box(ax, i + 0.25, n_max - 0.5 - j, 0.94, 0.62, "{" + ",".join(tasks) + "}",
+                 color if hit else MUTED, fill=fill, lw=2.2 if hit else 1.0, fontsize=10.5)
         if dec.action == "first":
             label = "first task:\none expert"
         elif dec.threshold is None:
@@ -163,7 +163,7 @@ def _evolution_panel(ax: plt.Axes, decisions: list[Decision], snapshots: list[li
         else:
             rel = "\\geq" if dec.action == "consolidate" else "<"
             label = f"$S^*$={max(dec.scores):.2f}\n${rel}$ $\\tau$={dec.threshold:.2f}\n→ {dec.action}"
-        ax.text(i + 0.25, -0.6, label, ha="center", va="center", fontsize=8.5,
+        ax.text(i + 0.25, -0.65, label, ha="center", va="center", fontsize=10.5,
                 color={"create": CREATE, "consolidate": CONSOLIDATE}.get(dec.action, "#212121"))
 
 
@@ -171,12 +171,9 @@ def draw_evolution(path: Path) -> None:
     logs = {rule: evolution_log(rule) for rule in ("polar", "sum")}
     _check_evolution_caption(logs)
     n_max = max(len(s) for _, snaps in logs.values() for s in snaps)
-    fig, axes = plt.subplots(2, 1, figsize=(11.5, 2 * (1.6 + 0.7 * n_max)))
+    fig, axes = plt.subplots(2, 1, figsize=(10.5, 2 * (1.8 + 0.75 * n_max)))
     _evolution_panel(axes[0], *logs["polar"], n_max, "consolidation by polar merge (the paper)")
     _evolution_panel(axes[1], *logs["sum"], n_max, "consolidation by the exact sum (option merge_rule='sum')")
-    fig.text(0.02, 0.0, "One module, seven synthetic task updates from three subspace families "
-             "(X: t1, t3, t5, t7; Y: t2, t6; Z: t4). Boxes are identity sets $A_e$ as decided by "
-             "madeit_core.experts (rank 3, λ = 1).", fontsize=8.5, color="#616161")
     _save(fig, path)
 
 
@@ -192,7 +189,7 @@ ROUTING_FPA = {"m1": [0.41], "m2": [0.37, 0.52], "m3": [0.30, 0.46, 0.44], "m4":
 # What the book's caption says route_path does on this bank: anchor m4 (3 experts, deepest of the
 # tie) picks {1,2,3}; m1 resolves; m2 and m3 keep two candidates each; m3 (deeper) re-anchors and
 # picks {2}, so C = {2} and m2 resolves to {1,2}.
-ANCHOR_NOTES = {("m4", 0): "\n① anchor: C={1,2,3}", ("m3", 1): "\n② re-anchor: C={2}"}
+ANCHOR_NOTES = {("m4", 0): "\n① anchor\nC = {1,2,3}", ("m3", 1): "\n② re-anchor\nC = {2}"}
 ROUTING_EXPECTED = ({"m1": 0, "m2": 0, "m3": 1, "m4": 0}, frozenset({"2"}))
 
 
@@ -200,30 +197,27 @@ def draw_routing(path: Path) -> None:
     chosen, C = route_path(ROUTING_FPA, ROUTING_SETS, ROUTING_ORDER)
     if (chosen, C) != ROUTING_EXPECTED:
         raise SystemExit(f"route_path now answers {chosen}, {set(C)}: update the routing diagram and its caption")
-    fig, ax = plt.subplots(figsize=(10, 4.4))
-    ax.set_xlim(-0.6, 3.6)
-    ax.set_ylim(-0.9, 3.55)
+    fig, ax = plt.subplots(figsize=(9, 4.6))
+    ax.set_xlim(-0.75, 4.65)
+    ax.set_ylim(-0.35, 3.6)
     ax.axis("off")
     pos = {}
     for i, m in enumerate(ROUTING_ORDER):
-        ax.text(i, 3.35, f"module {m}" + ("\n(shallow)" if i == 0 else "\n(deep)" if i == 3 else "\n"),
-                ha="center", va="center", fontsize=10, weight="bold")
+        ax.text(1.3 * i, 3.35, f"module {m}" + ("\n(shallow)" if i == 0 else "\n(deep)" if i == 3 else "\n"),
+                ha="center", va="center", fontsize=12, weight="bold")
         for j, tasks in enumerate(ROUTING_SETS[m]):
-            y = 2.4 - j * 1.0
-            pos[(m, j)] = (i, y)
+            y = 2.4 - j * 1.08
+            pos[(m, j)] = (1.3 * i, y)
             on_path = chosen[m] == j
             alive = bool(C & frozenset(tasks))
             color = CONSOLIDATE if on_path else (NEUTRAL if alive else MUTED)
             note = ANCHOR_NOTES.get((m, j), "")
-            _box(ax, i, y, 0.8, 0.78, "$A$={" + ",".join(tasks) + "}\n" + f"FPA {ROUTING_FPA[m][j]:.2f}" + note,
-                 color, fill="#f1f8e9" if on_path else "white", lw=2.4 if on_path else 1.0, fontsize=9)
+            _box(ax, 1.3 * i, y, 1.12, 0.98, "$A$={" + ",".join(tasks) + "}\n" + f"FPA {ROUTING_FPA[m][j]:.2f}" + note,
+                 color, fill="#f1f8e9" if on_path else "white", lw=2.4 if on_path else 1.0, fontsize=11)
     for a, b in zip(ROUTING_ORDER, ROUTING_ORDER[1:]):
         x0, y0 = pos[(a, chosen[a])]
         x1, y1 = pos[(b, chosen[b])]
-        _arrow(ax, x0 + 0.4, y0, x1 - 0.4, y1, CONSOLIDATE, lw=2.2)
-    ax.text(-0.55, -0.65, "Hand-built bank, FPA scores given. Green: the path chosen by "
-            "madeit_core.routing.route_path; grey: experts whose identity set misses the final "
-            f"C = {{{', '.join(sorted(C))}}}.", fontsize=8.5, color="#616161")
+        _arrow(ax, x0 + 0.57, y0, x1 - 0.57, y1, CONSOLIDATE, lw=2.2)
     _save(fig, path)
 
 
