@@ -29,13 +29,13 @@ book: book-deps
 	  echo "scripts/run_notebooks.py is missing: the notebooks cannot be executed" >&2; exit 1; \
 	fi
 	$(PY) scripts/draw_diagrams.py --out book/_figures
-	$(VENV)/bin/jupyter-book build . --config _config.yml --toc book/_toc.yml -W -n --keep-going
+	$(VENV)/bin/jupyter-book build . --all --config _config.yml --toc book/_toc.yml -W -n --keep-going
 	@echo "book: $(CURDIR)/_build/html/index.html"
 
 ## Build the HTML from the notebooks already executed (no papermill run).
 book-html: book-deps
 	$(PY) scripts/draw_diagrams.py --out book/_figures
-	$(VENV)/bin/jupyter-book build . --config _config.yml --toc book/_toc.yml -W -n --keep-going
+	$(VENV)/bin/jupyter-book build . --all --config _config.yml --toc book/_toc.yml -W -n --keep-going
 
 ## The book's local MathJax comes from the pinned PyPI package sphinx-mathjax-offline, which
 ## scripts/ensure_env.sh installs with requirements.txt; this only checks that it is there.
