@@ -25,7 +25,7 @@ from madeit_core.geometry import (
     rank_for,
     subspace_affinity,
 )
-from madeit_core.routing import fpa
+from madeit_core.routing import fpa, route_path
 
 # (d, k1, k2): equal and unequal ranks, thin and wide subspaces.
 SHAPES = [(12, 3, 3), (20, 2, 5), (33, 7, 4), (64, 4, 4), (50, 1, 6), (9, 4, 9)]
@@ -324,3 +324,29 @@ def test_exact_merge_rules(d_out: int, d_in: int, k1: int, k2: int, seed: int) -
                           atol=1e-9)
     mean = (2 * e1.delta() + 1 * e2.delta()) / 3
     assert torch.allclose(merge_experts(e1, e2, rank=r, rule="mean").delta(), mean, atol=1e-10)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_route_follows_a_task_path(seed: int) -> None:
+    """Prop. prop-route-path: with identity sets partitioning the tasks in every module, the final C
+    is non-empty and, for every t in C, each module's chosen expert is the one holding t."""
+    import random
+
+    rng = random.Random(seed)
+    for _ in range(60):
+        T, M = rng.randint(1, 9), rng.randint(1, 7)
+        tasks = [f"t{i}" for i in range(T)]
+        order = [f"m{j}" for j in range(M)]
+        task_sets, scores = {}, {}
+        for m in order:
+            n = rng.randint(1, T)
+            owner = [rng.randrange(n) for _ in tasks]
+            sets = [[t for t, o in zip(tasks, owner) if o == e] for e in range(n)]
+            task_sets[m] = [s for s in sets if s]  # every expert holds at least one task
+            scores[m] = [rng.random() for _ in task_sets[m]]
+        chosen, C = route_path(scores, task_sets, order)
+        assert C and set(C) <= set(tasks)
+        for t in C:
+            for m in order:
+                holder = next(e for e, s in enumerate(task_sets[m]) if t in s)
+                assert chosen[m] == holder, (m, t)
