@@ -48,4 +48,4 @@ book-check:
 	$(PY) scripts/check_book.py _build/html --out _build/screenshots
 
 clean:
-	rm -rf _build notebooks/_executed
+	rm -rf _build notebooks/_executed book/_figures
