@@ -6,19 +6,30 @@ export PYTHONPATH := $(CURDIR)$(if $(PYTHONPATH),:$(PYTHONPATH))
 export MADEIT_DATA ?= $(abspath $(CURDIR)/../shared/data)
 PROFILE ?= smoke
 
-.PHONY: test unit lint book book-html book-deps book-check notebooks clean env
+.PHONY: test unit lint book book-html book-deps book-check notebooks nbval clean env
 
 env:
 	@echo "environment: $(VENV)"
 
 ## make test: lint, unit tests, then the notebooks executed at the smoke profile and checked by nbval
-test: lint unit
+test: lint unit notebooks nbval
 
 lint:
 	$(VENV)/bin/ruff check madeit_core tests scripts
 
 unit:
 	$(PY) -m pytest -q -p no:cacheprovider tests
+
+## Execute every notebook at PROFILE with papermill (skips those whose library/notebook/parameters
+## fingerprint is unchanged; see scripts/run_notebooks.py).
+notebooks:
+	$(PY) scripts/run_notebooks.py --profile $(PROFILE)
+
+## Re-run the executed notebooks under nbval: every cell must run; outputs are compared only where
+## a cell asks for it (--nbval-lax), after sanitising timings, paths and progress bars.
+nbval:
+	$(PY) -m pytest -q -p no:cacheprovider --nbval-lax --sanitize-with tests/nbval_sanitize.cfg \
+	  notebooks/_executed
 
 ## make book: execute every notebook at PROFILE (default smoke) and build the HTML book.
 ## The build fails on any Sphinx warning (-W -n --keep-going reports them all first).
