@@ -36,6 +36,7 @@ from madeit_core.geometry import (
 from madeit_core.io import load_tensors, read_json, save_tensors, write_json
 from madeit_core.modules import ModuleSpec, as_matrix
 from madeit_core.statedict import check_compatible, compute_dtype
+from madeit_core.timing import timed
 
 HistoryRule = Literal["past+current", "past"]
 ScoreRule = Literal["subspace", "cosine"]
@@ -114,7 +115,8 @@ class ModuleExperts:
         return next((i for i, e in enumerate(self.experts) if e.is_zero), None)
 
     def absorb(self, task: str, delta: torch.Tensor, step: int, cfg: EvolutionConfig) -> Decision:
-        new = extract_expert(delta, rank=self.rank, task=task, svd=cfg.svd)
+        with timed("svd"):
+            new = extract_expert(delta, rank=self.rank, task=task, svd=cfg.svd)
         base = {"task": task, "step": step, "module": self.spec.key}
         if new.is_zero:
             z = self.zero_index()
@@ -132,7 +134,8 @@ class ModuleExperts:
                             history_mean=None, history_std=None, history_size=len(self.history),
                             experts_after=len(self.experts))
         score_fn = expert_affinity if cfg.score == "subspace" else expert_cosine
-        scores = [score_fn(self.experts[i], new) for i in candidates]
+        with timed("affinity"):
+            scores = [score_fn(self.experts[i], new) for i in candidates]
         H = self.history + scores if cfg.history == "past+current" else list(self.history)
         best = max(range(len(scores)), key=lambda j: (scores[j], -j))
         threshold = mean = std = None
@@ -142,7 +145,8 @@ class ModuleExperts:
             threshold = mean + cfg.margin * std
         if threshold is not None and scores[best] >= threshold:
             j = candidates[best]
-            self.experts[j] = merge_experts(self.experts[j], new, rank=self.rank, rule=cfg.merge_rule)
+            with timed("merge"):
+                self.experts[j] = merge_experts(self.experts[j], new, rank=self.rank, rule=cfg.merge_rule)
             action, idx = "consolidate", j
         else:
             self.experts.append(new)
@@ -181,26 +185,29 @@ class ExpertBank:
         """Absorb one fine-tuned model (Algorithm 1, one step). Inputs are validated first."""
         if task in self.tasks:
             raise MergeInputError(f"duplicate task name {task!r}")
-        check_compatible(pretrained, finetuned, f"fine-tuned model of {task!r}")
-        for s in self.specs:
-            if s.key not in pretrained:
-                raise MergeInputError(f"module weight {s.key!r} is not in the model's state dict")
-            shape = tuple(pretrained[s.key].shape[:2])
-            if shape != (s.d_out, s.d_in) or not pretrained[s.key].is_floating_point():
-                raise MergeInputError(f"module {s.key!r}: expected a float ({s.d_out}, {s.d_in}) weight, "
-                                      f"got {pretrained[s.key].dtype} {tuple(pretrained[s.key].shape)}")
+        with timed("validate"):
+            check_compatible(pretrained, finetuned, f"fine-tuned model of {task!r}")
+            for s in self.specs:
+                if s.key not in pretrained:
+                    raise MergeInputError(f"module weight {s.key!r} is not in the model's state dict")
+                shape = tuple(pretrained[s.key].shape[:2])
+                if shape != (s.d_out, s.d_in) or not pretrained[s.key].is_floating_point():
+                    raise MergeInputError(f"module {s.key!r}: expected a float ({s.d_out}, {s.d_in}) weight, "
+                                          f"got {pretrained[s.key].dtype} {tuple(pretrained[s.key].shape)}")
         step = len(self.tasks) + 1
         decisions = []
         for s in self.specs:
             w0 = pretrained[s.key]
-            delta = as_matrix(finetuned[s.key].to(compute_dtype(w0)) - w0.to(compute_dtype(w0)))
+            with timed("delta"):
+                delta = as_matrix(finetuned[s.key].to(compute_dtype(w0)) - w0.to(compute_dtype(w0)))
             decisions.append(self.modules[s.key].absorb(task, delta, step, self.config))
         module_keys = set(self.modules)
-        for k, v in pretrained.items():
-            if k in module_keys or not v.is_floating_point():
-                continue
-            tau = finetuned[k].to(compute_dtype(v)) - v.to(compute_dtype(v))
-            self.others_sum[k] = tau if k not in self.others_sum else self.others_sum[k] + tau
+        with timed("others"):
+            for k, v in pretrained.items():
+                if k in module_keys or not v.is_floating_point():
+                    continue
+                tau = finetuned[k].to(compute_dtype(v)) - v.to(compute_dtype(v))
+                self.others_sum[k] = tau if k not in self.others_sum else self.others_sum[k] + tau
         self.tasks.append(task)
         self.decisions.extend(decisions)
         return decisions

@@ -23,6 +23,7 @@ from torch import nn
 from madeit_core.errors import MergeInputError
 from madeit_core.experts import ExpertBank
 from madeit_core.geometry import Expert
+from madeit_core.timing import timed
 
 Aggregation = Literal["mean", "cls", "token_mean"]
 
@@ -170,13 +171,14 @@ class RoutedModel(nn.Module):
                 continue
 
             def hook(mod: nn.Module, inp: tuple[torch.Tensor, ...], key: str = s.key, kind: str = s.kind) -> None:
-                t = _tokens(inp[0], kind)
-                out[key] = torch.stack([fpa(t, e.V, self.aggregation) for e in self._experts[key]], dim=1)
+                with timed("fpa"):
+                    t = _tokens(inp[0], kind)
+                    out[key] = torch.stack([fpa(t, e.V, self.aggregation) for e in self._experts[key]], dim=1)
 
             handles.append(self._mods[s.key].register_forward_pre_hook(hook))
         try:
-            self._load_others(self._others_pre)
-            with torch.no_grad():
+            with timed("pretrained_pass"), torch.no_grad():
+                self._load_others(self._others_pre)
                 self.model(x)
         finally:
             for h in handles:
@@ -186,14 +188,15 @@ class RoutedModel(nn.Module):
     def route(self, x: torch.Tensor) -> tuple[list[tuple[int, ...]], list[frozenset[str]]]:
         """Paths (one expert index per module, in bank order) and constraint sets per sample."""
         scores = self.score(x)
-        keys = [s.key for s in self.specs]
-        cpu_scores = {k: v.float().cpu().tolist() for k, v in scores.items()}
-        paths, sets = [], []
-        for b in range(x.shape[0]):
-            per = {k: (cpu_scores[k][b] if k in cpu_scores else [0.0] * len(self._task_sets[k])) for k in keys}
-            chosen, C = route_path(per, self._task_sets, keys)
-            paths.append(tuple(chosen[k] for k in keys))
-            sets.append(C)
+        with timed("routing"):
+            keys = [s.key for s in self.specs]
+            cpu_scores = {k: v.float().cpu().tolist() for k, v in scores.items()}
+            paths, sets = [], []
+            for b in range(x.shape[0]):
+                per = {k: (cpu_scores[k][b] if k in cpu_scores else [0.0] * len(self._task_sets[k])) for k in keys}
+                chosen, C = route_path(per, self._task_sets, keys)
+                paths.append(tuple(chosen[k] for k in keys))
+                sets.append(C)
         return paths, sets
 
     def forward_with_path(self, x: torch.Tensor, path: Sequence[int]) -> torch.Tensor:
@@ -206,11 +209,12 @@ class RoutedModel(nn.Module):
 
             def hook(mod: nn.Module, inp: tuple[torch.Tensor, ...], output: torch.Tensor, e: Expert = e,
                      kind: str = s.kind) -> torch.Tensor:
-                h = inp[0]
-                if kind == "conv1x1":
-                    z = torch.einsum("bchw,ck->bkhw", h, e.V) * e.s[None, :, None, None]
-                    return output + torch.einsum("bkhw,ok->bohw", z, e.U)
-                return output + ((h @ e.V) * e.s) @ e.U.T
+                with timed("lowrank_apply"):
+                    h = inp[0]
+                    if kind == "conv1x1":
+                        z = torch.einsum("bchw,ck->bkhw", h, e.V) * e.s[None, :, None, None]
+                        return output + torch.einsum("bkhw,ok->bohw", z, e.U)
+                    return output + ((h @ e.V) * e.s) @ e.U.T
 
             handles.append(self._mods[s.key].register_forward_hook(hook))
         try:
@@ -230,11 +234,12 @@ class RoutedModel(nn.Module):
         self.path_counts.append(len(groups))
         out: torch.Tensor | None = None
         for p, idx in groups.items():
-            ids = torch.tensor(idx, device=x.device)
-            y = self.forward_with_path(x[ids], p)
-            if out is None:
-                out = y.new_empty((x.shape[0], *y.shape[1:]))
-            out[ids] = y
+            with timed("routed_pass"):
+                ids = torch.tensor(idx, device=x.device)
+                y = self.forward_with_path(x[ids], p)
+                if out is None:
+                    out = y.new_empty((x.shape[0], *y.shape[1:]))
+                out[ids] = y
         assert out is not None
         return out
 
