@@ -57,7 +57,8 @@ class EvolutionConfig:
     - ``score``: ``subspace`` affinity (the paper) or ``cosine`` of flattened updates (Table 2).
     - ``others``: ``mean`` (θ0 + mean τ), ``pretrained`` (θ0) or ``task_arithmetic``
       (θ0 + ``others_scale`` · Σ τ).
-    - ``svd``: ``exact`` or ``randomized`` top-k SVD for Eq. 5.
+    - ``svd``: ``exact``, ``gram`` (exact top-k via the Gram matrix, faster) or ``randomized``
+      top-k SVD for Eq. 5 (:func:`~madeit_core.geometry.top_k_svd`).
     """
 
     rank_ratio: float = 0.1
@@ -75,7 +76,7 @@ class EvolutionConfig:
         rank_for(1, 1, self.rank_ratio)  # validates the range
         choices = {"history": ("past+current", "past"), "merge_rule": ("polar", "sum", "mean"),
                    "score": ("subspace", "cosine"), "others": ("mean", "pretrained", "task_arithmetic"),
-                   "svd": ("exact", "randomized")}
+                   "svd": ("exact", "gram", "randomized")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise MergeInputError(f"{name}={getattr(self, name)!r} is not one of {allowed}")
