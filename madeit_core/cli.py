@@ -131,7 +131,8 @@ def _cmd_bench(a: argparse.Namespace) -> int:
     settings = BenchSettings.make(suites=csv(a.suite), shapes=csv(a.shapes), device=a.device, quick=a.quick,
                                   banks=a.banks, methods=csv(a.methods),
                                   batch_sizes=[int(x) for x in csv(a.batch_sizes)] if a.batch_sizes else None,
-                                  scaling_tasks=a.scaling_tasks, threads=a.threads)
+                                  scaling_tasks=a.scaling_tasks, threads=a.threads,
+                                  finetuned=[str(p) for p in a.finetuned] if a.finetuned else None)
     if a.steps is not None:
         settings.steps = {k: a.steps for k in settings.shapes}
     if a.repeats is not None:
@@ -200,6 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--batch-sizes", help="comma list (default 1,128)")
     b.add_argument("--scaling-tasks", type=int, help="T of the scaling suite (default 20)")
     b.add_argument("--threads", type=int, help="torch CPU threads (default: torch's; 1 on a shared machine)")
+    b.add_argument("--finetuned", nargs="+", metavar="SAFETENSORS",
+                   help="fine-tuned EfficientNet-Lite0 checkpoints: the svd suite also checks real task vectors")
     b.add_argument("--force", action="store_true", help="recompute everything (default: resume)")
     b.add_argument("--quiet", action="store_true")
     b.set_defaults(func=_cmd_bench)

@@ -144,3 +144,82 @@ def test_task_factory_is_reproducible_and_clustered() -> None:
     d = [(f.finetuned(t)[key] - theta0[key]).flatten() for t in range(3)]
     cos = torch.nn.functional.cosine_similarity
     assert float(cos(d[0], d[2], dim=0)) > float(cos(d[0], d[1], dim=0)) + 0.2   # same cluster: closer
+
+
+def test_targets_follow_the_measured_numbers(quick: tuple[Path, dict[str, Any]], tmp_path: Path) -> None:
+    """Targets are recomputed from the sections: change a measurement and the verdict follows."""
+    out, res = quick
+    bench = B.Bench(B.BenchSettings.make(quick=True, device="cpu"), out)      # same key: loads the results
+    assert bench.results["sections"] == res["sections"]
+    absorb = bench.results["sections"]["absorb"]["tiny-vit"]["methods"]
+    op = absorb["opcm"]["per_model"]["absorb_s"]
+    t = bench.targets()["absorb_tiny-vit_made_it_vs_opcm"]
+    assert t["value"] == pytest.approx(absorb["made_it"]["per_model"]["absorb_s"] / op)
+    for factor, verdict in ((0.1, True), (0.5, False)):
+        absorb["made_it"]["per_model"]["absorb_s"] = factor * op
+        t = bench.targets()["absorb_tiny-vit_made_it_vs_opcm"]
+        assert t["value"] == pytest.approx(factor) and t["pass"] is verdict
+    r = bench.results["sections"]["routed"]["tiny-cnn"]["batches"]["8"]
+    for ratio, verdict in ((0.45, True), (0.3, False)):
+        r["throughput_ratio"] = ratio
+        assert bench.targets()["routed_tiny-cnn_throughput_ratio_b8"]["pass"] is verdict
+    mem = bench.results["sections"]["memory"]["tiny-vit"]["rows"][-1]
+    mem["ratio_bank_total_to_mingle"] = 0.7
+    assert bench.targets()["memory_tiny-vit_T4"]["pass"] is False
+
+
+def test_svd_affinity_is_the_affinity_of_the_recorded_case(quick: tuple[Path, dict[str, Any]]) -> None:
+    """Recompute one recorded case of the svd suite from its synthetic matrix."""
+    _, res = quick
+    case = next(c for c in res["sections"]["svd"]["tiny-vit"]["cases"] if c["reference_spectrum"])
+    d_out, d_in = case["shape"]
+    k, seed = case["k"], res["manifest"]["settings"]["seed"]
+    m = B.synthetic_matrix(d_out, d_in, B._gen(seed, "svd", d_out, d_in, case["alpha"], case["noise"]),
+                           case["alpha"], case["noise"])
+    Ue, _, Ve = B.top_k_svd(m, k, "exact")
+    Ug, _, Vg = B.top_k_svd(m, k, "gram")
+    want = 0.5 * (B.subspace_affinity(Ue, Ug) + B.subspace_affinity(Ve, Vg))
+    assert case["gram"]["affinity"] == pytest.approx(want, abs=1e-6)
+    rnd = case["randomized"][0]
+    assert rnd["library_default"] and rnd["oversample"] == max(10, k)
+    assert 0 < rnd["affinity"] <= 1 + 1e-6 and rnd["seconds"] > 0 and rnd["bound_s"] > 0
+
+
+def test_svd_suite_on_real_checkpoints(tmp_path: Path) -> None:
+    """``--finetuned``: EfficientNet-Lite0 checkpoints (here θ0 plus low-rank updates) feed the
+    affinity target; a checkpoint of another model is refused by name."""
+    from madeit_core.backbones.efficientnet import EfficientNetLite0Adapter
+    from madeit_core.io import save_tensors
+
+    adapter = EfficientNetLite0Adapter()
+    model = adapter.build(pretrained=True)
+    specs = adapter.modules(model)[-3:]
+    sd = {k: v.clone() for k, v in model.state_dict().items()}
+    g = torch.Generator().manual_seed(0)
+    for sp in specs:
+        upd = B.synthetic_matrix(sp.d_out, sp.d_in, g, alpha=1.0, noise=0.1)
+        sd[sp.key] = sd[sp.key] + (0.01 * upd).reshape(sd[sp.key].shape)
+    ft = tmp_path / "task" / "key" / "finetuned.safetensors"
+    save_tensors(ft, sd)
+    settings = B.BenchSettings.make(suites=["svd"], shapes=["tiny-cnn"], quick=True, device="cpu",
+                                    finetuned=[str(ft)])
+    res = B.run_bench(settings, tmp_path / "real.json")
+    real = res["sections"]["svd"]["real"]
+    assert len(real["cases"]) == 3 and real["files"][0]["task"] == "task"       # only the updated modules
+    t = res["targets"]["svd_randomized_affinity"]
+    assert "EfficientNet-Lite0" in t["source"] and t["value"] == pytest.approx(
+        real["summary"][B._setting_key(None, 4)]["min_affinity_stable_cases"])
+    assert all(c["gram"]["affinity"] > 0.999 for c in real["cases"])
+    save_tensors(tmp_path / "other.safetensors", {"w": torch.zeros(2, 2)})
+    bad = B.BenchSettings.make(suites=["svd"], shapes=["tiny-cnn"], quick=True, device="cpu",
+                               finetuned=[str(tmp_path / "other.safetensors")])
+    with pytest.raises(B.MergeInputError, match="other.safetensors"):
+        B.run_bench(bad, tmp_path / "bad.json")
+
+
+def test_slow_shapes_are_listed_as_skipped_on_the_cpu(tmp_path: Path) -> None:
+    s = B.BenchSettings.make(shapes=["tiny-vit", "vit-l14"], quick=True, device="cpu")
+    bench = B.Bench(s, tmp_path / "x.json")
+    assert bench._units("absorb") == ["tiny-vit"] and bench._units("routed") == ["tiny-vit"]
+    assert bench._units("svd") == ["tiny-vit", "vit-l14"]
+    assert {(x["suite"], x["unit"]) for x in bench.skipped()} == {("absorb", "vit-l14"), ("routed", "vit-l14")}
