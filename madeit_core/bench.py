@@ -168,9 +168,28 @@ class BenchSettings:
         return s
 
     def key(self) -> str:
-        blob = json.dumps({"settings": asdict(self), "version": madeit_core.__version__, "commit": git_commit()},
+        """Settings + the sources of the library code a run executes (not the commit, so that
+        committing docs or the report helper does not throw away a half-finished run)."""
+        blob = json.dumps({"settings": asdict(self), "version": madeit_core.__version__, "code": code_hash()},
                           sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def code_hash() -> str:
+    """SHA-256 over the sources of the ``madeit_core`` modules loaded in this process (after
+    importing everything a benchmark run can reach)."""
+    import sys
+
+    import madeit_core.backbones.efficientnet  # noqa: F401  (loaded lazily by the suites)
+
+    available_methods()     # loads every method module
+    h = hashlib.sha256()
+    files = sorted({m.__file__ for n, m in list(sys.modules.items())
+                    if (n == "madeit_core" or n.startswith("madeit_core.")) and getattr(m, "__file__", None)})
+    for f in files:
+        h.update(Path(f).name.encode())
+        h.update(Path(f).read_bytes())
+    return h.hexdigest()[:16]
 
 
 def default_out(device: str) -> Path:
@@ -513,7 +532,8 @@ class Bench:
         with contextlib.suppress(OSError):
             hw["load_average_at_start"] = list(os.getloadavg())
         old = (prior or {}).get("manifest", {})
-        return {"format": FORMAT, "git_commit": git_commit(), "versions": versions, "hardware": hw,
+        return {"format": FORMAT, "git_commit": git_commit(), "code_hash": code_hash(), "versions": versions,
+                "hardware": hw,
                 "device": self.s.device, "settings": asdict(self.s), "method_registry": available_methods(),
                 "started_utc": old.get("started_utc") or time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 "resumed": prior is not None, "wall_s_previous": old.get("wall_s_total", 0.0),
@@ -696,7 +716,7 @@ class Bench:
             if missing:
                 raise MergeInputError(f"--finetuned {f}: not an EfficientNet-Lite0 checkpoint (no {missing[0]!r})")
             files.append({"path": str(f), "bytes": Path(f).stat().st_size,
-                          "task": Path(f).parent.parent.name})
+                          "task": Path(f).parent.parent.name, "checkpoint_folder": Path(f).parent.name})
             for sp in specs:
                 d = as_matrix(ft[sp.key].float() - theta0[sp.key].float()).to(dev)
                 if not torch.any(d):
