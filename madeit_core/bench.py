@@ -51,6 +51,7 @@ import torch
 from torch import nn
 
 import madeit_core
+from madeit_core.bench_report import FORMAT
 from madeit_core.errors import MergeInputError
 from madeit_core.experts import EvolutionConfig, ExpertBank
 from madeit_core.geometry import rank_for, subspace_affinity, top_k_svd
@@ -62,7 +63,6 @@ from madeit_core.protocol import git_commit, hardware, resolve_device
 from madeit_core.routing import RoutedModel
 from madeit_core.timing import patch_linalg, recording
 
-FORMAT = "madeit-bench/1"
 SUITES = ("svd", "absorb", "routed", "memory", "scaling")
 FULL_SHAPES = ("vit-b32", "vit-l14", "efficientnet")
 QUICK_SHAPES = ("tiny-vit", "tiny-cnn")

@@ -223,3 +223,51 @@ def test_slow_shapes_are_listed_as_skipped_on_the_cpu(tmp_path: Path) -> None:
     assert bench._units("absorb") == ["tiny-vit"] and bench._units("routed") == ["tiny-vit"]
     assert bench._units("svd") == ["tiny-vit", "vit-l14"]
     assert {(x["suite"], x["unit"]) for x in bench.skipped()} == {("absorb", "vit-l14"), ("routed", "vit-l14")}
+
+
+# ============================================================================ the report helper
+def test_report_tables_and_figures_read_the_file(quick: tuple[Path, dict[str, Any]], tmp_path: Path) -> None:
+    import io
+
+    from madeit_core import bench_report as R
+
+    out, res = quick
+    loaded = R.load_bench(out)
+    t = R.tables(loaded)
+    assert {"machine", "absorb", "routed", "memory", "scaling", "svd", "targets", "skipped"} <= set(t)
+    row = next(r for r in t["absorb"] if r["shape"] == "tiny-vit" and r["method"] == "made_it")
+    pm = res["sections"]["absorb"]["tiny-vit"]["methods"]["made_it"]["per_model"]
+    op = res["sections"]["absorb"]["tiny-vit"]["methods"]["opcm"]["per_model"]["absorb_s"]
+    assert row["absorb_s"] == pm["absorb_s"] and row["svd_s"] == pm["breakdown_s"]["svd"]
+    assert row["vs_opcm"] == pytest.approx(pm["absorb_s"] / op)
+    assert {(r["shape"], r["batch"]) for r in t["routed"]} == {(s, b) for s in B.QUICK_SHAPES for b in (1, 8)}
+    assert [r["T"] for r in t["memory"]] == [2, 3, 4] and [r["T"] for r in t["scaling"]] == [1, 2, 3, 4]
+    assert {r["name"] for r in t["targets"]} == set(res["targets"])
+    assert t["machine"][0]["torch_threads"] == 1
+    figs = R.figures(loaded)
+    assert set(figs) == {"absorb_breakdown", "routed_throughput", "scaling", "memory", "svd_accuracy"}
+    for f in figs.values():
+        buf = io.BytesIO()
+        f.savefig(buf, format="png")
+        assert buf.tell() > 1000
+    # sections a run did not produce: empty tables, no figure
+    only_svd = {**loaded, "sections": {"svd": loaded["sections"]["svd"]}, "targets": {}}
+    assert R.tables(only_svd)["absorb"] == [] and set(R.figures(only_svd)) == {"svd_accuracy"}
+
+
+def test_report_refuses_other_files(tmp_path: Path, quick: tuple[Path, dict[str, Any]]) -> None:
+    from madeit_core import bench_report as R
+
+    bad = tmp_path / "other.json"
+    bad.write_text(json.dumps({"format": "something/1"}))
+    with pytest.raises(B.MergeInputError, match="other.json.*not a madeit bench"):
+        R.load_bench(bad)
+    (tmp_path / "broken.json").write_text("{")
+    with pytest.raises(B.MergeInputError, match="broken.json"):
+        R.load_bench(tmp_path / "broken.json")
+    partial = json.loads(quick[0].read_text())
+    partial["manifest"]["complete"] = False
+    (tmp_path / "partial.json").write_text(json.dumps(partial))
+    with pytest.raises(B.MergeInputError, match="did not finish"):
+        R.load_bench(tmp_path / "partial.json")
+    assert R.load_bench(tmp_path / "partial.json", require_complete=False)["sections"]
