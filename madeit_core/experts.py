@@ -30,6 +30,7 @@ from madeit_core.geometry import (
     expert_affinity,
     expert_cosine,
     extract_expert,
+    extract_experts,
     merge_experts,
     rank_for,
 )
@@ -115,9 +116,14 @@ class ModuleExperts:
     def zero_index(self) -> int | None:
         return next((i for i, e in enumerate(self.experts) if e.is_zero), None)
 
-    def absorb(self, task: str, delta: torch.Tensor, step: int, cfg: EvolutionConfig) -> Decision:
-        with timed("svd"):
-            new = extract_expert(delta, rank=self.rank, task=task, svd=cfg.svd)
+    def absorb(self, task: str, delta: torch.Tensor | None, step: int, cfg: EvolutionConfig,
+               new: Expert | None = None) -> Decision:
+        """Evolve with task ``task``: its update ``delta``, or its expert ``new`` if already extracted."""
+        if new is None:
+            if delta is None:
+                raise MergeInputError(f"module {self.spec.key}: absorb needs the update or its expert")
+            with timed("svd"):
+                new = extract_expert(delta, rank=self.rank, task=task, svd=cfg.svd)
         base = {"task": task, "step": step, "module": self.spec.key}
         if new.is_zero:
             z = self.zero_index()
@@ -166,7 +172,11 @@ class ModuleExperts:
 class ExpertBank:
     """All modules' expert sets, the merged *other* parameters and the decision log."""
 
-    def __init__(self, specs: list[ModuleSpec], config: EvolutionConfig | None = None) -> None:
+    def __init__(self, specs: list[ModuleSpec], config: EvolutionConfig | None = None,
+                 batch_svd: bool | None = None) -> None:
+        """``batch_svd``: extract all modules' experts with one batched SVD per stack of
+        same-shaped updates (:func:`~madeit_core.geometry.extract_experts`); None (default) does
+        so when the updates are on a GPU. Results equal the one-by-one path up to rounding."""
         if not specs:
             raise MergeInputError("no linear modules to build experts for (empty module list)")
         keys = [s.key for s in specs]
@@ -179,6 +189,7 @@ class ExpertBank:
         self.tasks: list[str] = []
         self.others_sum: dict[str, torch.Tensor] = {}
         self.decisions: list[Decision] = []
+        self.batch_svd = batch_svd
 
     # ------------------------------------------------------------------ evolution
     def absorb(self, task: str, pretrained: Mapping[str, torch.Tensor], finetuned: Mapping[str, torch.Tensor]
@@ -197,11 +208,24 @@ class ExpertBank:
                                           f"got {pretrained[s.key].dtype} {tuple(pretrained[s.key].shape)}")
         step = len(self.tasks) + 1
         decisions = []
-        for s in self.specs:
-            w0 = pretrained[s.key]
+        batch = self.batch_svd
+        if batch is None:
+            batch = any(finetuned[s.key].is_cuda for s in self.specs)
+        if batch:
             with timed("delta"):
-                delta = as_matrix(finetuned[s.key].to(compute_dtype(w0)) - w0.to(compute_dtype(w0)))
-            decisions.append(self.modules[s.key].absorb(task, delta, step, self.config))
+                deltas = [as_matrix(finetuned[s.key].to(compute_dtype(pretrained[s.key]))
+                                    - pretrained[s.key].to(compute_dtype(pretrained[s.key]))) for s in self.specs]
+            with timed("svd"):
+                new = extract_experts(deltas, [self.modules[s.key].rank for s in self.specs], task, self.config.svd)
+            del deltas
+            for s, e in zip(self.specs, new, strict=True):
+                decisions.append(self.modules[s.key].absorb(task, None, step, self.config, new=e))
+        else:
+            for s in self.specs:
+                w0 = pretrained[s.key]
+                with timed("delta"):
+                    delta = as_matrix(finetuned[s.key].to(compute_dtype(w0)) - w0.to(compute_dtype(w0)))
+                decisions.append(self.modules[s.key].absorb(task, delta, step, self.config))
         module_keys = set(self.modules)
         with timed("others"):
             for k, v in pretrained.items():

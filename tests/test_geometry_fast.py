@@ -83,3 +83,50 @@ def test_unknown_method_and_bank_with_gram() -> None:
             bank.absorb(f"t{t}", w0, {"lin.weight": w0["lin.weight"] + _spectrum_matrix(30, 20, seed=10 + t)})
         banks[svd] = bank
     assert [d.action for d in banks["gram"].decisions] == [d.action for d in banks["exact"].decisions]
+
+
+@pytest.mark.parametrize("svd", ["exact", "gram", "randomized"])
+def test_extract_experts_batched_equals_one_by_one(svd: str) -> None:
+    from madeit_core.geometry import extract_expert, extract_experts
+
+    deltas = [_spectrum_matrix(40, 30, seed=s) for s in range(4)]                # one stack of 4 ...
+    deltas.insert(2, _spectrum_matrix(30, 40, seed=9).reshape(30, 40, 1, 1))     # ... a 1×1 conv ...
+    deltas.append(torch.zeros(40, 30))                                          # ... and a zero update
+    deltas.append(_spectrum_matrix(40, 30, seed=7).half())                      # half precision joins fp32 stack
+    ranks = [6] * len(deltas)
+    for cap in (1 << 28, 2 * 40 * 30 * 4):                                      # one stack; stacks of two
+        got = extract_experts(deltas, ranks, "t", svd, max_stack_bytes=cap)  # type: ignore[arg-type]
+        for d, e in zip(deltas, got, strict=True):
+            ref = extract_expert(d, rank=6, task="t", svd=svd)  # type: ignore[arg-type]
+            assert e.tasks == ["t"] and e.rank == ref.rank and e.U.dtype == ref.U.dtype
+            if ref.is_zero:
+                continue
+            assert torch.allclose(e.s, ref.s, rtol=1e-4)
+            assert torch.allclose(e.delta(), ref.delta(), atol=1e-4 * float(ref.s[0]))
+    bad = [deltas[0], torch.full((40, 30), float("nan"))]
+    with pytest.raises(MergeInputError, match="NaN"):
+        extract_experts(bad, [6, 6])
+    with pytest.raises(MergeInputError, match="ranks"):
+        extract_experts(bad, [6])
+
+
+def test_bank_batched_svd_gives_the_same_bank() -> None:
+    specs = [ModuleSpec(name=f"l{i}", key=f"l{i}.weight", kind="linear", d_out=30, d_in=20, group="mlp", depth=i)
+             for i in range(3)]
+    g = torch.Generator().manual_seed(6)
+    w0 = {s.key: torch.randn(30, 20, generator=g) for s in specs}
+    banks = []
+    for batch in (False, True):
+        bank = ExpertBank(specs, EvolutionConfig(rank_ratio=0.25), batch_svd=batch)
+        for t in range(4):
+            ft = {k: v + _spectrum_matrix(30, 20, seed=100 * t + i) for i, (k, v) in enumerate(w0.items())}
+            bank.absorb(f"t{t}", w0, ft)
+        banks.append(bank)
+    a, b = banks
+    def log(bank: ExpertBank) -> list[tuple[str, str, int]]:
+        return [(d.module, d.action, d.expert) for d in bank.decisions]
+
+    assert log(a) == log(b)
+    for key in a.modules:
+        for ea, eb in zip(a.modules[key].experts, b.modules[key].experts, strict=True):
+            assert ea.tasks == eb.tasks and torch.allclose(ea.delta(), eb.delta(), atol=1e-5)
