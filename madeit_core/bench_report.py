@@ -165,6 +165,45 @@ def _targets(res: Mapping[str, Any]) -> list[dict[str, Any]]:
             for name, t in res.get("targets", {}).items()]
 
 
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, bool):
+        return "PASS" if v else "FAIL"
+    if isinstance(v, float):
+        return f"{v:.3g}"
+    return str(v)
+
+
+def markdown(rows: list[dict[str, Any]], columns: list[str] | None = None) -> str:
+    """A markdown table of ``rows`` (floats to 3 significant digits, None as –, booleans as PASS/FAIL)."""
+    if not rows:
+        return "(no rows)"
+    cols = columns or list(dict.fromkeys(k for r in rows for k in r))
+    head = "| " + " | ".join(cols) + " |\n|" + "---|" * len(cols) + "\n"
+    return head + "\n".join("| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |" for r in rows)
+
+
+def summary_markdown(res: Mapping[str, Any]) -> str:
+    """Targets, absorb, routed and memory tables of a results file, as markdown (for READMEs)."""
+    t = tables(res)
+    parts = ["### Targets", markdown(t["targets"], ["name", "target", "value", "pass"]),
+             "### Absorb cost per incoming model (seconds, median of steps ≥ 2)",
+             markdown(t["absorb"], ["shape", "method", "absorb_s", "total_s", "vs_opcm", "svd_s", "linalg_s",
+                                    "affinity_s", "merge_s", "io_load_s", "io_state_s", "svd_ratio_to_bound"]),
+             "### Routed inference", markdown(t["routed"], ["shape", "batch", "static_latency_s", "routed_latency_s",
+                                                            "throughput_ratio", "grouped_by_path_ratio",
+                                                            "one_path_ratio", "path_groups", "modules_dense"]),
+             "### Memory", markdown(t["memory"], ["unit", "T", "made_it_bank_parameters", "mingle_parameters",
+                                                  "full_models_parameters", "ratio_to_mingle",
+                                                  "ratio_to_full_models"]),
+             "### Top-k SVD accuracy", markdown(t["svd"], ["unit", "variant", "cases", "min_affinity",
+                                                           "min_affinity_stable_cases", "median_speedup_vs_exact"])]
+    if t["skipped"]:
+        parts += ["### Not measured", markdown(t["skipped"])]
+    return "\n\n".join(parts) + "\n"
+
+
 # ============================================================================ figures
 def figures(res: Mapping[str, Any]) -> dict[str, Figure]:
     """The chapter's figures; a section the run did not produce gives no figure."""
@@ -284,4 +323,4 @@ def _svd_figure(svd: Mapping[str, Any]) -> Figure:
     return fig
 
 
-__all__ = ["FORMAT", "PHASES", "figures", "load_bench", "tables"]
+__all__ = ["FORMAT", "PHASES", "figures", "load_bench", "markdown", "summary_markdown", "tables"]

@@ -250,6 +250,9 @@ def test_report_tables_and_figures_read_the_file(quick: tuple[Path, dict[str, An
         buf = io.BytesIO()
         f.savefig(buf, format="png")
         assert buf.tell() > 1000
+    md = R.summary_markdown(loaded)
+    assert "### Targets" in md and "svd_randomized_affinity" in md and md.count("\n| ") > 10
+    assert R.markdown([{"a": 0.123456, "b": None, "c": True}]).endswith("| 0.123 | – | PASS |")
     # sections a run did not produce: empty tables, no figure
     only_svd = {**loaded, "sections": {"svd": loaded["sections"]["svd"]}, "targets": {}}
     assert R.tables(only_svd)["absorb"] == [] and set(R.figures(only_svd)) == {"svd_accuracy"}
