@@ -285,10 +285,11 @@ def svd_flops_randomized(m: int, n: int, k: int, oversample: int | None = None, 
 
 def svd_flops_gram(m: int, n: int, k: int) -> float:
     """FLOPs of :func:`~madeit_core.geometry.top_k_svd` (gram), m ≥ n after transposing: the Gram
-    product (2mn²), a symmetric eigensolve with vectors (9n³, Golub & Van Loan §8.3), M V_k
-    (2mnk), the thin SVD of that m×k matrix and the rotation of V_k (2nk²)."""
+    product (2mn²), a symmetric eigensolve with vectors (9n³, Golub & Van Loan §8.3), M V_q
+    (2mnq, q = min(2k, n)), the thin SVD of that m×q matrix and the rotation of V_q (2nqk)."""
     m, n = max(m, n), min(m, n)
-    return 2.0 * m * n * n + 9.0 * n ** 3 + 2.0 * m * n * k + svd_flops_exact(m, k) + 2.0 * n * k * k
+    q = min(2 * k, n)
+    return 2.0 * m * n * n + 9.0 * n ** 3 + 2.0 * m * n * q + svd_flops_exact(m, q) + 2.0 * n * q * k
 
 
 # ============================================================================ backbones

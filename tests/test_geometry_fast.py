@@ -37,6 +37,21 @@ def test_gram_is_the_exact_top_k(shape: tuple[int, int]) -> None:
     assert torch.allclose((Ug * sg) @ Vg.T, (Ue * se) @ Ve.T, atol=1e-4 * float(se[0]))
 
 
+def test_gram_keeps_a_steep_spectrum_with_no_gap_at_k() -> None:
+    """s_1/s_k = 90 (inside the Gram route's range) and s_k/s_(k+1) = 1.002: rounding in MᵀM mixes
+    the k-th direction with the next ones, which the Rayleigh–Ritz step on 2k columns undoes."""
+    g = torch.Generator().manual_seed(0)
+    m_, n_, k = 600, 200, 20
+    U = torch.linalg.qr(torch.randn(m_, n_, generator=g))[0]
+    V = torch.linalg.qr(torch.randn(n_, n_, generator=g))[0]
+    head = torch.logspace(0, -float(torch.log10(torch.tensor(90.0))), k)
+    s = torch.cat([head, head[-1] / 1.002 * torch.logspace(0, -1, n_ - k)])
+    m = (U * s) @ V.T
+    Ue, _, Ve = top_k_svd(m, k, "exact")
+    Ug, _, Vg = top_k_svd(m, k, "gram")
+    assert 0.5 * (subspace_affinity(Ue, Ug) + subspace_affinity(Ve, Vg)) > 0.99999
+
+
 def test_gram_falls_back_to_exact_when_rank_deficient() -> None:
     g = torch.Generator().manual_seed(2)
     m = torch.randn(100, 3, generator=g) @ torch.randn(3, 40, generator=g)   # rank 3 < k
