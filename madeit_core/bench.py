@@ -109,6 +109,7 @@ class BenchSettings:
     memory_tasks: list[int] = field(default_factory=lambda: [8, 14, 20])
     scaling_tasks: int = 20
     scaling_shape: str = "vit-b32"
+    memory_shapes: list[str] = field(default_factory=list)   # synthetic banks (without --banks)
     banks: str | None = None
     svd_repeats: int = 3
     matmul_n: int = 2048
@@ -162,6 +163,9 @@ class BenchSettings:
             s.absorb_shapes = [x for x in s.shapes if gpu or x != "vit-l14"]
         if s.scaling_shape not in s.shapes:
             s.scaling_shape = s.shapes[0]
+        if not s.memory_shapes:
+            # the offline runs' backbone first (their banks' shapes), then the scaling backbone
+            s.memory_shapes = list(dict.fromkeys(x for x in ("efficientnet", s.scaling_shape) if x in s.shapes))
         for shape in s.shapes:
             s.steps.setdefault(shape, 3)
             s.repeats.setdefault(shape, 1)
@@ -615,7 +619,7 @@ class Bench:
         if suite == "routed":
             return [x for x in self.s.routed_shapes if x in self.s.shapes]
         if suite == "memory":
-            return ["banks" if self.s.banks else self.s.scaling_shape]
+            return ["banks"] if self.s.banks else [x for x in self.s.memory_shapes if x in self.s.shapes]
         return [self.s.scaling_shape]
 
     # ------------------------------------------------------------------ svd suite
