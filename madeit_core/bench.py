@@ -76,6 +76,8 @@ MADE_IT_VARIANTS = (("made_it", "made_it"), ("made_it_gram", "made_it:svd=gram")
 RANDOMIZED_SETTINGS: tuple[tuple[int | None, int], ...] = ((None, 4), (10, 4), (10, 8))
 SPECTRA = tuple((a, n) for a in (0.5, 1.0, 1.5) for n in (0.05, 0.2, 0.5))
 REFERENCE_SPECTRUM = (1.0, 0.2)
+GPU_COMMAND = ("PYTHONPATH=. python -m madeit_core.cli bench --device cuda --shapes vit-b32,vit-l14,efficientnet "
+               "--out results/perf/gpu-h100.json [--finetuned <EfficientNet-Lite0 checkpoints>]")
 SKIP_REASON = ("not run on this device: too slow on a shared 2-core CPU (set absorb_shapes / routed_shapes, or "
                "run on a GPU, to include it)")
 #: top-k SVD of the synthetic MADE-IT runs behind the routed, memory and scaling suites (the exact
@@ -537,12 +539,17 @@ class Bench:
         with contextlib.suppress(OSError):
             hw["load_average_at_start"] = list(os.getloadavg())
         old = (prior or {}).get("manifest", {})
+        gpu = self.s.device.startswith("cuda")
         return {"format": FORMAT, "git_commit": git_commit(), "code_hash": code_hash(), "versions": versions,
                 "hardware": hw,
                 "device": self.s.device, "settings": asdict(self.s), "method_registry": available_methods(),
                 "started_utc": old.get("started_utc") or time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 "resumed": prior is not None, "wall_s_previous": old.get("wall_s_total", 0.0),
-                "note": SHARED_MACHINE_NOTE if not self.s.device.startswith("cuda") else None,
+                "note": SHARED_MACHINE_NOTE if not gpu else None,
+                "gpu_measured": gpu,
+                "gpu_note": None if gpu else (
+                    "GPU numbers are NOT measured in this file (a CPU run; no GPU was available). GPU run: "
+                    f"{GPU_COMMAND}"),
                 "complete": False}
 
     def _save(self) -> None:

@@ -31,6 +31,7 @@ def test_quick_writes_every_section_with_bounds(quick: tuple[Path, dict[str, Any
     assert m["complete"] and m["git_commit"] is not None and m["wall_s_total"] > 0
     assert m["hardware"]["cpu_count"] and "cuda" in m["hardware"] and m["hardware"]["torch_threads"] == 1
     assert m["versions"]["torch"] == torch.__version__ and m["settings"]["quick"] is True
+    assert m["gpu_measured"] is False and "NOT measured" in m["gpu_note"] and "--device cuda" in m["gpu_note"]
     assert on_disk["bounds"]["peak_flops"]["gflops"] > 0 and on_disk["bounds"]["bandwidth"]["gbs"] > 0
     sec = on_disk["sections"]
     assert set(sec) == set(B.SUITES)
