@@ -101,6 +101,24 @@ def allocation_matrix(bank: ExpertBank | BankLayout) -> tuple[list[str], list[st
     return [s.key for s in bank.specs], list(bank.tasks), rows
 
 
+def experts_growth(bank: ExpertBank | BankLayout) -> dict[str, list[float]]:
+    """Module group → mean number of experts per module after each step (tasks in arrival order).
+
+    Read from the allocation: after step i a module has as many experts as distinct experts its
+    first i tasks joined (experts are only ever added).
+    """
+    alloc = bank.allocation()
+    per_group: dict[str, list[list[int]]] = {}
+    for spec in bank.specs:
+        row, seen, counts = alloc[spec.key], set(), []
+        for e in row:
+            seen.add(e)
+            counts.append(len(seen))
+        per_group.setdefault(spec.group, []).append(counts)
+    return {g: [statistics.fmean(c[i] for c in rows) for i in range(len(bank.tasks))]
+            for g, rows in sorted(per_group.items())}
+
+
 def experts_by_group(bank: ExpertBank | BankLayout) -> dict[str, Any]:
     """Experts kept per module group and per depth, with reduction rates 1 − experts / T (Fig. 3/8)."""
     T = max(len(bank.tasks), 1)

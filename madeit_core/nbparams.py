@@ -70,5 +70,14 @@ def notebook_parameters(name: str, profile: str, benchmark: str | None = None) -
     return {k: full[k] for k in keys}
 
 
+def collect(namespace: dict[str, Any], name: str) -> dict[str, Any]:
+    """The parameters of notebook ``name`` read back from its namespace (``globals()``)."""
+    keys = COMMON_KEYS + NOTEBOOK_EXTRAS.get(name, ())
+    missing = [k for k in keys if k not in namespace]
+    if missing:
+        raise MergeInputError(f"notebook {name}: parameters {missing} are not defined")
+    return {k: namespace[k] for k in keys}
+
+
 __all__ = ["COMMON_KEYS", "DEFAULT_BENCHMARK", "NOTEBOOKS", "NOTEBOOK_EXTRAS", "PAPER_SEEDS", "PARAMETER_SETS",
-           "REFERENCE_PROFILE", "notebook_parameters", "parameter_set"]
+           "REFERENCE_PROFILE", "collect", "notebook_parameters", "parameter_set"]

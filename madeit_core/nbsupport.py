@@ -216,6 +216,37 @@ class ReferenceResults(ResultsStore):
         return source_label("reference", self.profile, self.backbone(results))
 
 
+def show_figure(fig: Any, dpi: int = 110) -> None:
+    """Display a matplotlib figure as a PNG and close it (works whatever the kernel's backend)."""
+    import io
+
+    import matplotlib.pyplot as plt
+    from IPython.display import Image, display
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
+    plt.close(fig)
+    display(Image(buf.getvalue()))
+
+
+def markdown_html(text: str) -> str:
+    """Markdown (CommonMark with tables) rendered to HTML; tables get the theme's ``table`` class."""
+    from markdown_it import MarkdownIt
+
+    return MarkdownIt("commonmark").enable("table").render(text).replace("<table>", '<table class="table">')
+
+
+def show_markdown(text: str) -> None:
+    """Display markdown as both text/markdown and rendered text/html.
+
+    The book prefers text/html, which renders tables whatever myst-nb's markdown format is set
+    to (its default, CommonMark, has no tables); notebook front-ends may show either.
+    """
+    from IPython.display import display
+
+    display({"text/markdown": text, "text/html": markdown_html(text), "text/plain": text}, raw=True)
+
+
 def verdict_html(parts: Sequence[tuple[str, Mapping[str, Any] | None]]) -> str:
     """Claim verdicts as HTML (cross-page glue renders text/html): one paragraph per source that
     has a verdict, e.g. ``[("ours · smoke · toy_vit", v), ("reference · offline · …", None)]``."""
@@ -230,4 +261,4 @@ def verdict_html(parts: Sequence[tuple[str, Mapping[str, Any] | None]]) -> str:
 
 __all__ = ["BuildResults", "REPO_ROOT", "ReferenceResults", "ResultsStore", "analysis_path", "backbone_of",
            "build_root", "pairwise_for_benchmark", "pairwise_name", "resolve_path", "runs_for_seeds",
-           "verdict_html"]
+           "markdown_html", "show_figure", "show_markdown", "verdict_html"]
