@@ -12,13 +12,21 @@ env:
 	@echo "environment: $(VENV)"
 
 ## make test: lint, unit tests, then the notebooks executed at the smoke profile and checked by nbval
-test: lint unit
+test: lint unit notebooks
 
 lint:
 	$(VENV)/bin/ruff check madeit_core tests scripts
 
 unit:
 	$(PY) -m pytest -q -p no:cacheprovider tests
+
+## Execute the notebooks at the smoke profile (only those whose library, source, parameters or
+## reference inputs changed), then re-run each in a fresh kernel with nbval: every cell must run
+## without error, and the cells tagged nbval-check-output must reproduce their outputs.
+notebooks:
+	$(PY) scripts/run_notebooks.py --profile smoke
+	$(PY) -m pytest -q -p no:cacheprovider --nbval-lax --nbval-current-env \
+	  --nbval-sanitize-with notebooks/nbval_sanitize.cfg notebooks/_executed
 
 ## make book: execute every notebook at PROFILE (default smoke) and build the HTML book.
 ## The build fails on any Sphinx warning (-W -n --keep-going reports them all first).
