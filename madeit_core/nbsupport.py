@@ -187,7 +187,12 @@ class ReferenceResults(ResultsStore):
         self.available = folder.is_dir() and any(folder.glob("*/*/seed*.json"))
         manifest = folder / "manifest.json"
         self.manifest: dict[str, Any] | None = read_json(manifest) if manifest.is_file() else None
-        full = parameter_set(profile)
+        m = self.manifest or {}
+        full = parameter_set(profile, m.get("benchmark"))
+        # the manifest says what the reference command ran; the profile's parameters fill the rest
+        for k in ("groups", "seeds"):
+            if m.get(k):
+                full[k] = list(m[k])
         self.groups: list[str] = [g for g in full["groups"] if (folder / g).is_dir()]
         self.seeds: list[int] = list(full.get("seeds", PAPER_SEEDS))
         self.params = full
