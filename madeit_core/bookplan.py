@@ -45,12 +45,33 @@ ABLATIONS: dict[str, list[dict[str, Any]]] = {
 }
 
 
+#: Per-profile hyper-parameters of rivals too slow for that profile's time budget. The row is
+#: labelled with them, so a table never passes a resized rival off as its default. At ``smoke``
+#: ODE-M integrates with h = 0.05 instead of 0.01 (5× fewer Euler steps), fewer gradient and probe
+#: batches and 20 refinement steps: ≈ 4× faster on the toy benchmark, same code path.
+PROFILE_METHOD_HPARAMS: dict[str, dict[str, dict[str, Any]]] = {
+    "smoke": {"odem": {"step_size": 0.05, "macro_grad_batches": 2, "barrier_probe_batches": 2,
+                       "post_refine_steps": 20}},
+}
+
+
 def display_name(method: str) -> str:
     return DISPLAY_NAMES.get(method, method)
 
 
 def _fmt_value(v: Any) -> str:
     return f"{v:g}" if isinstance(v, float) else str(v)
+
+
+def resized_note(methods: Iterable[str], profile: str) -> str | None:
+    """A sentence naming the rivals resized at ``profile`` and their sizes (None if none)."""
+    sizes = PROFILE_METHOD_HPARAMS.get(profile, {})
+    parts = [f"{display_name(m)}: " + ", ".join(f"`{k}={_fmt_value(v)}`" for k, v in sizes[m].items())
+             for m in methods if m in sizes]
+    if not parts:
+        return None
+    return (f"Resized for the `{profile}` profile's time budget (rows marked *{profile} sizes*; every other "
+            f"hyper-parameter at its default): " + "; ".join(parts) + ".")
 
 
 def made_it_variant(label: str | None = None, **options: Any) -> MethodRun:
@@ -68,11 +89,19 @@ def made_it_variant(label: str | None = None, **options: Any) -> MethodRun:
     return MethodRun(label or f"MADE-IT ({tag})", "made_it", {**changed, "tag": tag})
 
 
-def table1_runs(methods: Iterable[str]) -> list[MethodRun]:
-    """One row per library method name, labelled with :func:`display_name`, in the given order."""
+def table1_runs(methods: Iterable[str], profile: str | None = None) -> list[MethodRun]:
+    """One row per library method name, labelled with :func:`display_name`, in the given order;
+    a rival resized for ``profile`` (:data:`PROFILE_METHOD_HPARAMS`) carries its sizes in its
+    label and its results file (tag ``<profile>-sizes``)."""
     out = []
+    sizes = PROFILE_METHOD_HPARAMS.get(profile or "", {})
     for m in methods:
-        out.append(made_it_variant() if m == "made_it" else MethodRun(display_name(m), m, {}))
+        if m == "made_it":
+            out.append(made_it_variant())
+        elif m in sizes:
+            out.append(MethodRun(f"{display_name(m)} ({profile} sizes)", m, {**sizes[m], "tag": f"{profile}-sizes"}))
+        else:
+            out.append(MethodRun(display_name(m), m, {}))
     return out
 
 
@@ -121,7 +150,7 @@ def notebook_jobs(name: str, params: Mapping[str, Any]) -> list[Job]:
     """The protocol runs notebook ``name`` needs under ``params`` (its parameters cell)."""
     groups, seeds = list(params["groups"]), tuple(int(s) for s in params["seeds"])
     if name in ("table1_acc_bwt", "tables4_6_per_task"):
-        runs = tuple(table1_runs(params["methods"]))
+        runs = tuple(table1_runs(params["methods"], params.get("profile")))
         return [Job(g, runs, seeds, notebooks=(name,)) for g in groups]
     if name == "table2_affinity_cosine":
         runs = (made_it_variant(), made_it_variant("MADE-IT, cosine similarity", score="cosine"))
@@ -153,6 +182,6 @@ def merge_jobs(jobs: Iterable[Job]) -> list[Job]:
     return [Job(g, tuple(runs), seeds, ev, tuple(names)) for (g, seeds, ev), (runs, _, names) in merged.items()]
 
 
-__all__ = ["ABLATIONS", "DISPLAY_NAMES", "Job", "MADE_IT_DEFAULTS", "PAPER_NAMES", "REFERENCE_ROWS",
-           "TABLE1_METHODS", "ablation_runs", "display_name", "made_it_variant", "merge_jobs", "notebook_jobs",
-           "sensitivity_runs", "table1_runs"]
+__all__ = ["ABLATIONS", "DISPLAY_NAMES", "Job", "MADE_IT_DEFAULTS", "PAPER_NAMES", "PROFILE_METHOD_HPARAMS",
+           "REFERENCE_ROWS", "TABLE1_METHODS", "ablation_runs", "display_name", "made_it_variant", "merge_jobs",
+           "notebook_jobs", "resized_note", "sensitivity_runs", "table1_runs"]

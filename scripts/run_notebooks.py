@@ -42,9 +42,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--results-dir", help="override the parameters' results_dir (build cache)")
     p.add_argument("--timeout", type=int, default=None, help="per-cell timeout in seconds")
     p.add_argument("--log-output", action="store_true", help="stream the notebooks' outputs to the console")
+    p.add_argument("--threads", type=int, help="torch/OpenMP threads of the kernels (default: OMP_NUM_THREADS, "
+                                                 "else 1 on the toy benchmark, whose tiny matrices only lose time "
+                                                 "to threading, else torch's default)")
     a = p.parse_args(argv)
     try:
         names = select(NOTEBOOKS, a.only)
+        bench = notebook_parameters(names[0], a.profile, a.benchmark)["benchmark"] if names else None
+        threads = a.threads or (None if "OMP_NUM_THREADS" in os.environ else 1 if bench == "toy" else None)
+        if threads:
+            os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(threads)
         lib = library_hash()
         failures, t_all = [], time.perf_counter()
         for name in names:
