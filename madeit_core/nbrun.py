@@ -144,6 +144,7 @@ def execute(name: str, source_path: str | os.PathLike[str], params: Mapping[str,
     if tmp_out.is_file():
         executed = nbformat.read(tmp_out, as_version=4)
         executed.metadata[META_KEY] = info
+        hide_default_parameters(executed)
         dest = target if status == "ok" else failed
         with atomic_write(dest, "w") as fh:
             nbformat.write(executed, fh)
@@ -156,6 +157,18 @@ def execute(name: str, source_path: str | os.PathLike[str], params: Mapping[str,
     return info
 
 
+def hide_default_parameters(nb: Any) -> None:
+    """Tag the source's ``parameters`` cell ``remove-cell`` when papermill injected the values in use
+    (the book then shows the injected cell only, not two parameter cells that may disagree)."""
+    def tags(c: Any) -> list[str]:
+        return list(c.get("metadata", {}).get("tags", []))
+
+    if any("injected-parameters" in tags(c) for c in nb.cells):
+        for c in nb.cells:
+            if "parameters" in tags(c) and "remove-cell" not in tags(c):
+                c.metadata["tags"] = tags(c) + ["remove-cell"]
+
+
 def select(names: Sequence[str], only: Sequence[str] | None) -> list[str]:
     if not only:
         return list(names)
@@ -165,5 +178,5 @@ def select(names: Sequence[str], only: Sequence[str] | None) -> list[str]:
     return [n for n in names if n in only]
 
 
-__all__ = ["FINGERPRINT_KEYS", "FORMAT", "META_KEY", "check_parameters", "execute", "fingerprint", "input_files",
-           "read_source", "recorded", "select", "staleness"]
+__all__ = ["FINGERPRINT_KEYS", "FORMAT", "META_KEY", "check_parameters", "execute", "fingerprint",
+           "hide_default_parameters", "input_files", "read_source", "recorded", "select", "staleness"]

@@ -242,6 +242,8 @@ def test_execute_records_the_fingerprint_and_a_failure_removes_the_old_copy(tmp_
     assert nbrun.recorded(nb)["fingerprint"] == FP
     assert "y = 40" in "".join(o.get("text", "") for c in nb.cells for o in c.get("outputs", []))
     assert nbrun.staleness(out / "tiny.ipynb", FP) is None
+    tags = [c.metadata.get("tags", []) for c in nb.cells if c.cell_type == "code"]
+    assert ["parameters", "remove-cell"] in tags and ["injected-parameters"] in tags   # only the values used show
     assert not list(out.glob(".*"))                                  # no temporary files left
     src.write_text(TINY_MD.replace("y = 10 * x", "y = 10 / (x - x)"))
     info = nbrun.execute("tiny", src, {"x": 4}, out, REPO, {**FP, "source": "s2"})
