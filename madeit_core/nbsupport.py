@@ -200,12 +200,15 @@ class ReferenceResults(ResultsStore):
     @property
     def message(self) -> str:
         if self.available:
-            m = self.manifest or {}
-            lib = m.get("library_hash", "?")[:12]
-            now = library_hash()[:12]
+            where = (f"Committed reference results: profile `{self.profile}`, groups {', '.join(self.groups)}, "
+                     f"from `{self.shown_dir}/{self.profile}`")
+            m = self.manifest
+            if m is None:
+                return where + " (no manifest: not made by `scripts/run_reference.py`; each results file records " \
+                               "its own commit)."
+            lib, now = str(m.get("library_hash", "?"))[:12], library_hash()[:12]
             same = "the same library as this build" if lib == now else f"library {lib}, this build has {now}"
-            return (f"Committed reference results: profile `{self.profile}`, groups {', '.join(self.groups)}, "
-                    f"from `{self.shown_dir}/{self.profile}` (commit {str(m.get('git_commit') or '?')[:10]}; {same}).")
+            return f"{where} (commit {str(m.get('git_commit') or '?')[:10]}; {same})."
         return (f"No committed reference results under `{self.shown_dir}/{self.profile}/` yet. They are made by "
                 f"`scripts/run_reference.py --profile {self.profile}` (see the chapter on reproducing this book); "
                 f"until then only this build's own numbers are shown.")
