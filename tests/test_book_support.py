@@ -121,6 +121,14 @@ def test_reference_results_say_plainly_when_absent(tmp_path: Path) -> None:
     ref = nbsupport.ReferenceResults(tmp_path / "none")
     assert not ref.available and "No committed reference results" in ref.message
     assert ref.results_for(ref.jobs(lambda p: bookplan.notebook_jobs("table1_acc_bwt", p))) == []
+    # results made by `madeit run` alone (no manifest) are shown, and the page says so
+    f = tmp_path / "cli" / "offline" / "offline-8" / "swa" / "seed42.json"
+    f.parent.mkdir(parents=True)
+    f.write_text(json.dumps({"method": "swa", "group": "offline-8", "ACC": 1.0, "BWT": 0.0}))
+    ref = nbsupport.ReferenceResults(tmp_path / "cli")
+    assert ref.available and ref.groups == ["offline-8"] and "no manifest" in ref.message
+    got = ref.results_for(ref.jobs(lambda p: bookplan.notebook_jobs("table1_acc_bwt", p)))
+    assert [r["label"] for r in got] == ["Average (SWA)"]
 
 
 def test_verdict_html_escapes_and_skips_missing() -> None:
