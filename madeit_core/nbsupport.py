@@ -17,9 +17,12 @@ Relative paths are resolved against the repository root, whatever the kernel's w
 
 from __future__ import annotations
 
+import contextlib
 import html
+import io
 import os
-from collections.abc import Callable, Mapping, Sequence
+import sys
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -117,12 +120,28 @@ class BuildResults(ResultsStore):
         self.show_progress = show_progress
         self._benches: dict[str, tuple[Any, list[str]]] = {}
 
+    @contextlib.contextmanager
+    def _quiet(self) -> Iterator[None]:
+        """Without ``show_progress``, keep progress bars (zoo building, fine-tuning, rendering) out
+        of the notebook's outputs; what was written is shown if the block fails."""
+        if self.show_progress:
+            yield
+            return
+        buf = io.StringIO()
+        try:
+            with contextlib.redirect_stderr(buf):
+                yield
+        except BaseException:
+            sys.stderr.write(buf.getvalue())
+            raise
+
     def bench(self, group: str) -> tuple[Any, list[str]]:
         if group not in self._benches:
             from madeit_core.benchmarks import make_benchmark
 
-            self._benches[group] = make_benchmark(self.benchmark_name, group, profile=self.profile,
-                                                  device=self.device)
+            with self._quiet():
+                self._benches[group] = make_benchmark(self.benchmark_name, group, profile=self.profile,
+                                                      device=self.device)
         return self._benches[group]
 
     @property
@@ -137,8 +156,9 @@ class BuildResults(ResultsStore):
         """Run (or resume, or skip when done) every job; returns all their results."""
         for j in jobs:
             bench, tasks = self.bench(j.group)
-            run_grid(bench, j.group, tasks, list(j.runs), runs_for_seeds(j.seeds), self.root, self.profile,
-                     device=self.device, eval_seen=j.eval_seen, show_progress=self.show_progress)
+            with self._quiet():
+                run_grid(bench, j.group, tasks, list(j.runs), runs_for_seeds(j.seeds), self.root, self.profile,
+                         device=self.device, eval_seen=j.eval_seen, show_progress=self.show_progress)
         return self.results_for(jobs)
 
     def cached(self, name: str, key: Any, compute: Callable[[], Any]) -> Any:
@@ -149,7 +169,8 @@ class BuildResults(ResultsStore):
             doc = read_json(f)
             if doc.get("key") == k:
                 return doc["value"]
-        value = compute()
+        with self._quiet():
+            value = compute()
         write_json(f, {"key": k, "value": value})
         return value
 

@@ -282,3 +282,20 @@ def test_run_reference_script_dry_run() -> None:
                          timeout=120, cwd=REPO)
     assert out.returncode == 0, out.stderr
     assert "toy-4:" in out.stdout and "total:" in out.stdout
+
+
+def test_build_results_keep_progress_bars_out_of_outputs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    params = {**parameter_set("smoke", "toy"), "results_dir": str(tmp_path)}
+    build = nbsupport.BuildResults(params)
+    with build._quiet():
+        print("bar 50%", file=sys.stderr)
+    assert capsys.readouterr().err == ""
+    with pytest.raises(RuntimeError), build._quiet():
+        print("what happened", file=sys.stderr)
+        raise RuntimeError("x")
+    assert "what happened" in capsys.readouterr().err                # shown when the block fails
+    loud = nbsupport.BuildResults(params, show_progress=True)
+    with loud._quiet():
+        print("bar 60%", file=sys.stderr)
+    assert "bar 60%" in capsys.readouterr().err
+    assert build.root.parent == tmp_path and build.root.name.startswith("lib-")
