@@ -51,6 +51,13 @@ def build_root(results_dir: str | os.PathLike[str], lib_hash: str | None = None)
     return resolve_path(results_dir) / f"lib-{(lib_hash or library_hash())[:12]}"
 
 
+def stale_build_roots(results_dir: str | os.PathLike[str], lib_hash: str | None = None) -> list[Path]:
+    """The ``lib-*`` folders under ``results_dir`` made by other versions of the library."""
+    base = resolve_path(results_dir)
+    keep = build_root(results_dir, lib_hash).name
+    return sorted(p for p in base.glob("lib-*") if p.is_dir() and p.name != keep) if base.is_dir() else []
+
+
 def runs_for_seeds(seeds: Sequence[int]) -> list[int]:
     """Protocol run indices of order seeds (run r has seed 42 + r)."""
     bad = [s for s in seeds if int(s) < SEED_BASE]
@@ -289,5 +296,5 @@ def verdict_html(parts: Sequence[tuple[str, Mapping[str, Any] | None]]) -> str:
 
 
 __all__ = ["BuildResults", "REPO_ROOT", "ReferenceResults", "ResultsStore", "analysis_path", "backbone_of",
-           "build_root", "pairwise_for_benchmark", "pairwise_name", "resolve_path", "runs_for_seeds",
+           "build_root", "stale_build_roots", "pairwise_for_benchmark", "pairwise_name", "resolve_path", "runs_for_seeds",
            "markdown_html", "show_figure", "show_markdown", "verdict_html"]

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -28,6 +29,7 @@ from madeit_core.codehash import library_hash  # noqa: E402
 from madeit_core.errors import MergeInputError  # noqa: E402
 from madeit_core.nbparams import NOTEBOOKS, notebook_parameters  # noqa: E402
 from madeit_core.nbrun import execute, fingerprint, read_source, select, staleness  # noqa: E402
+from madeit_core.nbsupport import stale_build_roots  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -42,6 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--results-dir", help="override the parameters' results_dir (build cache)")
     p.add_argument("--timeout", type=int, default=None, help="per-cell timeout in seconds")
     p.add_argument("--log-output", action="store_true", help="stream the notebooks' outputs to the console")
+    p.add_argument("--prune", action="store_true",
+                   help="delete the build caches (<results_dir>/lib-*) of other library versions first")
     p.add_argument("--threads", type=int, help="torch/OpenMP threads of the kernels (default: OMP_NUM_THREADS, "
                                                  "else 1 on the toy benchmark, whose tiny matrices only lose time "
                                                  "to threading, else torch's default)")
@@ -53,6 +57,11 @@ def main(argv: list[str] | None = None) -> int:
         if threads:
             os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(threads)
         lib = library_hash()
+        if a.prune and names:
+            rdir = a.results_dir or notebook_parameters(names[0], a.profile, a.benchmark)["results_dir"]
+            for old in stale_build_roots(rdir, lib):
+                print(f"[notebooks] removing the build cache of another library version: {old}")
+                shutil.rmtree(old)
         failures, t_all = [], time.perf_counter()
         for name in names:
             params = notebook_parameters(name, a.profile, a.benchmark)

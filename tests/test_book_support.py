@@ -102,6 +102,9 @@ def test_build_root_is_keyed_by_the_library_hash(tmp_path: Path) -> None:
     assert a == tmp_path / f"lib-{'a' * 12}" and nbsupport.build_root(tmp_path, "b" * 64) != a
     assert nbsupport.resolve_path("runs/x") == nbsupport.REPO_ROOT / "runs/x"
     assert nbsupport.runs_for_seeds([42, 51]) == [0, 9]
+    (tmp_path / f"lib-{'a' * 12}").mkdir()
+    (tmp_path / f"lib-{'c' * 12}").mkdir()
+    assert nbsupport.stale_build_roots(tmp_path, "a" * 64) == [tmp_path / f"lib-{'c' * 12}"]
     with pytest.raises(MergeInputError, match="42"):
         nbsupport.runs_for_seeds([7])
 
