@@ -296,5 +296,5 @@ def verdict_html(parts: Sequence[tuple[str, Mapping[str, Any] | None]]) -> str:
 
 
 __all__ = ["BuildResults", "REPO_ROOT", "ReferenceResults", "ResultsStore", "analysis_path", "backbone_of",
-           "build_root", "stale_build_roots", "pairwise_for_benchmark", "pairwise_name", "resolve_path", "runs_for_seeds",
-           "markdown_html", "show_figure", "show_markdown", "verdict_html"]
+           "build_root", "markdown_html", "pairwise_for_benchmark", "pairwise_name", "resolve_path", "runs_for_seeds",
+           "show_figure", "show_markdown", "stale_build_roots", "verdict_html"]
