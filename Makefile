@@ -12,7 +12,7 @@ env:
 	@echo "environment: $(VENV)"
 
 ## make test: lint, unit tests, then the notebooks executed at the smoke profile and checked by nbval
-test: lint unit notebooks nbval
+test: lint unit notebooks
 
 lint:
 	$(VENV)/bin/ruff check madeit_core tests scripts
@@ -20,16 +20,13 @@ lint:
 unit:
 	$(PY) -m pytest -q -p no:cacheprovider tests
 
-## Execute every notebook at PROFILE with papermill (skips those whose library/notebook/parameters
-## fingerprint is unchanged; see scripts/run_notebooks.py).
+## Execute the notebooks at the smoke profile (only those whose library, source, parameters or
+## reference inputs changed), then re-run each in a fresh kernel with nbval: every cell must run
+## without error, and the cells tagged nbval-check-output must reproduce their outputs.
 notebooks:
-	$(PY) scripts/run_notebooks.py --profile $(PROFILE)
-
-## Re-run the executed notebooks under nbval: every cell must run; outputs are compared only where
-## a cell asks for it (--nbval-lax), after sanitising timings, paths and progress bars.
-nbval:
-	$(PY) -m pytest -q -p no:cacheprovider --nbval-lax --sanitize-with tests/nbval_sanitize.cfg \
-	  notebooks/_executed
+	$(PY) scripts/run_notebooks.py --profile smoke
+	$(PY) -m pytest -q -p no:cacheprovider --nbval-lax --nbval-current-env \
+	  --nbval-sanitize-with notebooks/nbval_sanitize.cfg notebooks/_executed
 
 ## make book: execute every notebook at PROFILE (default smoke) and build the HTML book.
 ## The build fails on any Sphinx warning (-W -n --keep-going reports them all first).

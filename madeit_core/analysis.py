@@ -1,5 +1,7 @@
 """Analyses behind the paper's figures, computed from banks and task vectors.
 
+- Banks are read whole (:class:`~madeit_core.experts.ExpertBank`) or, for committed results that
+  carry no tensors, as a :class:`BankLayout` from ``bank.json`` alone.
 - Fig. 2/7: :func:`allocation_matrix`: which expert each task joined, per module, as tasks arrive.
 - Fig. 3/8: :func:`experts_by_group`: experts kept per module type and depth; reduction rates.
 - Fig. 4/9 and 5: :func:`pairwise_scores`: subspace affinity vs. cosine similarity between the
@@ -8,18 +10,84 @@
 
 from __future__ import annotations
 
+import os
 import statistics
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from madeit_core.experts import ExpertBank
+from madeit_core.errors import BankFormatError
+from madeit_core.experts import BANK_FORMAT, ExpertBank
 from madeit_core.geometry import expert_affinity, expert_cosine, extract_expert, rank_for
+from madeit_core.io import read_json
 from madeit_core.modules import ModuleSpec, as_matrix
 
 
-def allocation_matrix(bank: ExpertBank) -> tuple[list[str], list[str], list[list[int]]]:
+@dataclass
+class _LayoutModule:
+    experts: list[list[str]]          # the identity set of each expert, in creation order
+
+
+class BankLayout:
+    """The structure of an expert bank without its tensors: modules, experts and their task sets.
+
+    Read from a bank's ``bank.json`` alone (:func:`load_bank_layout`), so figures can be drawn
+    from committed results that do not carry the (large) expert tensors. Offers the views of
+    :class:`~madeit_core.experts.ExpertBank` that :func:`allocation_matrix` and
+    :func:`experts_by_group` use: ``specs``, ``tasks``, ``modules[key].experts`` and ``allocation()``.
+    """
+
+    def __init__(self, meta: Mapping[str, Any], source: str = "bank.json") -> None:
+        if meta.get("format") != BANK_FORMAT:
+            raise BankFormatError(f"{source}: not an expert bank (format {meta.get('format')!r})")
+        try:
+            self.specs = [ModuleSpec.from_dict(m["spec"]) for m in meta["modules"]]
+            self.tasks: list[str] = list(meta["tasks"])
+            self.modules = {m["spec"]["key"]: _LayoutModule([list(e["tasks"]) for e in m["experts"]])
+                            for m in meta["modules"]}
+            self.config: dict[str, Any] = dict(meta.get("config", {}))
+        except (KeyError, TypeError) as exc:
+            raise BankFormatError(f"{source}: malformed bank metadata ({exc})") from exc
+
+    def allocation(self) -> dict[str, list[int]]:
+        out = {}
+        for s in self.specs:
+            owner = {t: i for i, tasks in enumerate(self.modules[s.key].experts) for t in tasks}
+            missing = [t for t in self.tasks if t not in owner]
+            if missing:
+                raise BankFormatError(f"module {s.key}: tasks {missing} belong to no expert")
+            out[s.key] = [owner[t] for t in self.tasks]
+        return out
+
+
+def load_bank_layout(folder: str | os.PathLike[str]) -> BankLayout:
+    """The :class:`BankLayout` of the bank saved in ``folder`` (only its ``bank.json`` is read)."""
+    f = Path(folder) / "bank.json"
+    if not f.is_file():
+        raise BankFormatError(f"{folder} holds no bank.json (was the run saved with its artifacts?)")
+    return BankLayout(read_json(f), str(f))
+
+
+def mean_summaries(summaries: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Leaf-wise mean of nested dicts of numbers with the same keys (e.g. :func:`experts_by_group`
+    of several orders); keys missing from some summary are averaged over those that have them."""
+    if not summaries:
+        raise ValueError("no summaries to average")
+    out: dict[str, Any] = {}
+    keys = list(dict.fromkeys(k for s in summaries for k in s))
+    for k in keys:
+        vals = [s[k] for s in summaries if k in s]
+        if isinstance(vals[0], Mapping):
+            out[k] = mean_summaries(vals)
+        else:
+            out[k] = statistics.fmean(float(v) for v in vals)
+    return out
+
+
+def allocation_matrix(bank: ExpertBank | BankLayout) -> tuple[list[str], list[str], list[list[int]]]:
     """(module keys, tasks in arrival order, rows of expert indices) for Fig. 2/7.
 
     Expert indices are renumbered per module in order of first use, so colours read as
@@ -33,7 +101,25 @@ def allocation_matrix(bank: ExpertBank) -> tuple[list[str], list[str], list[list
     return [s.key for s in bank.specs], list(bank.tasks), rows
 
 
-def experts_by_group(bank: ExpertBank) -> dict[str, Any]:
+def experts_growth(bank: ExpertBank | BankLayout) -> dict[str, list[float]]:
+    """Module group → mean number of experts per module after each step (tasks in arrival order).
+
+    Read from the allocation: after step i a module has as many experts as distinct experts its
+    first i tasks joined (experts are only ever added).
+    """
+    alloc = bank.allocation()
+    per_group: dict[str, list[list[int]]] = {}
+    for spec in bank.specs:
+        row, seen, counts = alloc[spec.key], set(), []
+        for e in row:
+            seen.add(e)
+            counts.append(len(seen))
+        per_group.setdefault(spec.group, []).append(counts)
+    return {g: [statistics.fmean(c[i] for c in rows) for i in range(len(bank.tasks))]
+            for g, rows in sorted(per_group.items())}
+
+
+def experts_by_group(bank: ExpertBank | BankLayout) -> dict[str, Any]:
     """Experts kept per module group and per depth, with reduction rates 1 − experts / T (Fig. 3/8)."""
     T = max(len(bank.tasks), 1)
     by_group: dict[str, list[int]] = {}

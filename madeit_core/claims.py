@@ -133,3 +133,20 @@ def plateau(values: Sequence[float], acc: Sequence[float], tolerance: float = 1.
     verdict = REPRODUCED if len(longest) >= 3 else PARTLY if len(longest) == 2 else NOT
     return {"verdict": verdict, "plateau": longest, "best": best,
             "evidence": f"within {tolerance} points of the best ACC ({best:.1f}) for values {longest}"}
+
+
+def combine(verdicts: Sequence[Mapping[str, Any]], labels: Sequence[str] | None = None) -> dict[str, Any]:
+    """One verdict from several parts of one claim (e.g. the ρ and the λ sweeps of Fig. 6).
+
+    Rule: reproduced when every part is reproduced; not reproduced when every part is not;
+    partly otherwise. The evidence lists each part's verdict and evidence.
+    """
+    if not verdicts:
+        return {"verdict": NOT, "evidence": "no evidence", "parts": []}
+    names = list(labels) if labels is not None else [str(i + 1) for i in range(len(verdicts))]
+    if len(names) != len(verdicts):
+        raise ValueError(f"{len(names)} labels for {len(verdicts)} verdicts")
+    vs = [v["verdict"] for v in verdicts]
+    verdict = REPRODUCED if all(v == REPRODUCED for v in vs) else NOT if all(v == NOT for v in vs) else PARTLY
+    ev = "; ".join(f"{n}: {v['verdict']} ({v['evidence']})" for n, v in zip(names, verdicts))
+    return {"verdict": verdict, "evidence": ev, "parts": list(verdicts)}

@@ -35,6 +35,22 @@ def allocation_figure(module_keys: Sequence[str], tasks: Sequence[str], rows: Se
     return fig
 
 
+def growth_figure(tasks: Sequence[str], growth: Mapping[str, Sequence[float]], title: str = "") -> Figure:
+    """Mean experts per module after each arriving task, one line per module group (Fig. 2/7 companion)."""
+    fig, ax = plt.subplots(figsize=(5.5, 3.2))
+    steps = np.arange(1, len(tasks) + 1)
+    ax.plot(steps, steps, color="grey", ls="--", lw=0.8, label="one expert per task")
+    for g, vals in growth.items():
+        ax.plot(steps, vals, "o-", ms=3, label=g)
+    ax.set_xticks(steps, tasks, rotation=90, fontsize=7)
+    ax.set_xlabel("tasks, in arrival order")
+    ax.set_ylabel("experts per module (mean)")
+    ax.legend(fontsize=7)
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
 def experts_bar_figure(by_group: Mapping[str, Mapping[str, float]], by_depth: Mapping[int, Mapping[str, float]],
                        T: int, title: str = "") -> Figure:
     """Fig. 3/8: mean experts kept (and reduction rate) per module type and per depth."""
@@ -103,6 +119,21 @@ def sensitivity_figure(values: Sequence[float], acc: Sequence[tuple[float, float
         ax2.plot(values, experts, "s--", color="grey", ms=3)
         ax2.set_ylabel("experts per module", color="grey")
     fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def routing_figure(curves: Mapping[str, Sequence[float | None]], title: str = "") -> Figure:
+    """Routing accuracy (%) of the newest task after each step, one line per group."""
+    fig, ax = plt.subplots(figsize=(5.5, 3.2))
+    for name, vals in curves.items():
+        pts = [(i + 1, v) for i, v in enumerate(vals) if v is not None]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", ms=3, label=name)
+    ax.set_xlabel("step (number of tasks absorbed)")
+    ax.set_ylabel("routing accuracy of the new task (%)")
+    ax.set_ylim(0, 102)
+    ax.legend(fontsize=7)
+    ax.set_title(title, fontsize=9)
     fig.tight_layout()
     return fig
 

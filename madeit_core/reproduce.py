@@ -113,3 +113,29 @@ def per_task_means(results: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, 
 
 def fmt(mean: float, std: float | None = None, digits: int = 1) -> str:
     return f"{mean:.{digits}f}" if std is None else f"{mean:.{digits}f}±{std:.{digits}f}"
+
+
+def routing_by_step(results: Sequence[Mapping[str, Any]]) -> list[float | None]:
+    """Routing accuracy (%) of the newest task right after it arrived, per step, mean over orders.
+
+    Step i's value averages ``steps[i]["routing_accuracy"][task]`` of the runs that recorded it
+    (methods without routing record none: the step's value is None).
+    """
+    T = max((len(r["steps"]) for r in results), default=0)
+    out: list[float | None] = []
+    for i in range(T):
+        vals = [100 * r["steps"][i]["routing_accuracy"][r["steps"][i]["task"]] for r in results
+                if i < len(r["steps"]) and (r["steps"][i].get("routing_accuracy") or {}).get(r["steps"][i]["task"])
+                is not None]
+        out.append(statistics.fmean(vals) if vals else None)
+    return out
+
+
+def routing_per_task(results: Sequence[Mapping[str, Any]]) -> dict[str, float]:
+    """task → routing accuracy (%) of the final model, mean over the orders that recorded it."""
+    acc: dict[str, list[float]] = {}
+    for r in results:
+        for t, v in (r.get("routing_accuracy_final") or {}).items():
+            if v is not None:
+                acc.setdefault(t, []).append(100 * v)
+    return {t: statistics.fmean(v) for t, v in acc.items()}

@@ -1,15 +1,14 @@
-"""Regenerate the committed reference results: every method of Table 1 on every group and order.
+#!/usr/bin/env python
+"""Regenerate the committed reference results that every notebook shows beside its own.
 
-Usage:
-    python scripts/run_reference.py [--profile offline] [--groups offline-8 offline-14 offline-20]
-                                    [--runs 0..9] [--methods ...] [--out results/reference] [--device auto]
+    scripts/run_reference.py --profile offline --runs 10 --out results/reference
 
-The zoo is built first (cached), then the grid runs cheapest first: for each group and order, the
-static methods and MADE-IT, then the methods that train at merge time (AdaMerging, WEMoE, MINGLE,
-ODE-M) and continual fine-tuning. Every run is resumable and skipped when its results file exists
-for the same configuration, so the command can be killed and started again at any point; partial
-grids are honest grids (the tables say how many orders each row has). Progress is logged, and
-``results/reference/<profile>/grid_manifest.json`` records what finished and how long it took.
+runs every protocol run and analysis the notebooks read (Table 1's methods, Table 2, the
+ablations, the ρ/λ sweeps, the pairwise scores of Figs. 4-5) on the profile's groups (offline:
+offline-8, offline-14, offline-20) and the first N orders (seeds 42 .. 42+N-1), writing
+results/reference/<profile>/... and a manifest with timings. It is resumable: run the same command
+again after an interruption. Only JSON is meant for git (the .gitignore leaves out the expert
+tensors, resume states and the evaluation cache).
 """
 
 from __future__ import annotations
@@ -17,64 +16,60 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
 
-from madeit_core.book import TABLE1_ROWS  # noqa: E402
-from madeit_core.io import write_json  # noqa: E402
-from madeit_core.protocol import RunSpec, resolve_device, results_path, run_continual  # noqa: E402
-
-CHEAP = ["pretrained", "individual", "swa", "task_arithmetic", "ties", "opcm", "made_it"]
-log = logging.getLogger("run_reference")
-
-
-def parse_runs(text: str) -> list[int]:
-    if ".." in text:
-        lo, hi = text.split("..")
-        return list(range(int(lo), int(hi) + 1))
-    return [int(x) for x in text.split(",")]
+from madeit_core.errors import MergeInputError  # noqa: E402
+from madeit_core.nbparams import NOTEBOOKS, parameter_set  # noqa: E402
+from madeit_core.nbsupport import SEED_BASE  # noqa: E402
+from madeit_core.reference import reference_jobs, run_reference  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--profile", default="offline")
-    ap.add_argument("--groups", nargs="+", default=["offline-8", "offline-14", "offline-20"])
-    ap.add_argument("--runs", type=parse_runs, default=list(range(10)))
-    ap.add_argument("--methods", nargs="+", default=[m for _, m, _ in TABLE1_ROWS])
-    ap.add_argument("--benchmark", default="zoo")
-    ap.add_argument("--out", default=str(ROOT / "results" / "reference"))
-    ap.add_argument("--device", default="auto")
-    a = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    from madeit_core.benchmarks import make_benchmark
-
-    device = resolve_device(a.device)
-    cheap = [m for m in a.methods if m in CHEAP]
-    costly = [m for m in a.methods if m not in CHEAP]
-    manifest_path = Path(a.out) / a.profile / "grid_manifest.json"
-    done: list[dict] = []
-    t_all = time.perf_counter()
-    for methods in (cheap, costly):
-        for g in a.groups:
-            bench, tasks = make_benchmark(a.benchmark, g, profile=a.profile, device=device)
-            for r in a.runs:
-                for m in methods:
-                    spec = RunSpec(method=m, group=g, run=r, profile=a.profile, tasks=tasks)
-                    t0 = time.perf_counter()
-                    res = run_continual(spec, bench, a.out, device=device)
-                    done.append({"method": m, "group": g, "run": r, "ACC": res["ACC"], "BWT": res["BWT"],
-                                 "file": str(results_path(a.out, spec).relative_to(a.out)),
-                                 "seconds_this_process": round(time.perf_counter() - t0, 1)})
-                    log.info("%s %s run %d: ACC %.2f BWT %.2f", m, g, r, res["ACC"], res["BWT"])
-                    write_json(manifest_path, {"profile": a.profile, "benchmark": a.benchmark, "device": device,
-                                               "groups": a.groups, "runs": a.runs, "methods": a.methods,
-                                               "finished": done,
-                                               "wall_s_this_process": round(time.perf_counter() - t_all, 1)})
-    print(f"reference grid complete: {len(done)} runs, {time.perf_counter() - t_all:.0f} s")
-    return 0
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--profile", default="offline")
+    p.add_argument("--benchmark", help="toy | zoo (default: the profile's)")
+    p.add_argument("--groups", nargs="+", help="task groups (default: the profile's)")
+    p.add_argument("--runs", type=int, help="number of orders: seeds 42 .. 42+N-1 (default: the profile's)")
+    p.add_argument("--methods", nargs="+", help="Table 1's methods (default: all)")
+    p.add_argument("--notebooks", nargs="+", choices=NOTEBOOKS, help="only the runs these notebooks need")
+    p.add_argument("--out", default="results/reference")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--allow-code-change", action="store_true",
+                   help="resume although the library changed since the manifest was started")
+    p.add_argument("--no-analysis", action="store_true", help="skip the pairwise scores of Figs. 4-5")
+    p.add_argument("--dry-run", action="store_true", help="list the jobs and exit")
+    p.add_argument("-v", "--verbose", action="store_true")
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if a.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    try:
+        params = parameter_set(a.profile, a.benchmark)
+        if a.groups:
+            params["groups"] = a.groups
+        if a.runs:
+            params["seeds"] = [SEED_BASE + r for r in range(a.runs)]
+        if a.methods:
+            params["methods"] = a.methods
+        params["device"] = a.device
+        jobs = reference_jobs(params, a.notebooks)
+        n = sum(len(j.runs) * len(j.seeds) for j in jobs)
+        if a.dry_run:
+            for j in jobs:
+                print(f"{j.group}: {len(j.runs)} runs x {len(j.seeds)} orders  ({', '.join(r.label for r in j.runs)})")
+            print(f"total: {n} protocol runs")
+            return 0
+        out = Path(a.out) if Path(a.out).is_absolute() else REPO / a.out
+        m = run_reference(params, out, a.notebooks, allow_code_change=a.allow_code_change,
+                          analysis=not a.no_analysis, command=["scripts/run_reference.py", *sys.argv[1:]])
+        print(f"reference {a.profile}: {len(m['runs'])} runs recorded, {m['wall_s_last_invocation']:.0f} s this "
+              f"invocation, {m['wall_s_runs_total']:.0f} s of runs in all; "
+              f"manifest {out / a.profile / 'manifest.json'}")
+        return 0
+    except MergeInputError as exc:
+        print(f"run_reference: error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -1,0 +1,144 @@
+"""Tables of the book: our numbers beside the paper's, as markdown.
+
+A table is a list of row labels and a list of :class:`Column` blocks; each column's header says
+where its numbers come from (``ours · smoke · toy_vit · toy-4`` or ``paper · ViT-B/32 · T=8``),
+so numbers from different settings are never shown as if comparable. Cells without a value show
+``–``. The paper's numbers come from :mod:`madeit_core.paper_values` only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from madeit_core.bookplan import PAPER_NAMES
+from madeit_core.paper_values import ARCHS, PER_TASK_20, TABLE1, TABLE1_REFERENCE, TABLE2
+from madeit_core.reproduce import fmt
+
+MISSING = "–"
+PAPER_T = (8, 14, 20)
+
+
+@dataclass
+class Column:
+    header: str
+    cells: dict[str, str] = field(default_factory=dict)
+
+
+def markdown_table(row_labels: Sequence[str], columns: Sequence[Column], corner: str = "") -> str:
+    """Rows × columns as a markdown table (``|`` in labels is escaped)."""
+    def esc(s: str) -> str:
+        return s.replace("|", "\\|")
+
+    head = "| " + " | ".join([esc(corner)] + [esc(c.header) for c in columns]) + " |"
+    sep = "|" + "---|" * (len(columns) + 1)
+    lines = [head, sep]
+    for r in row_labels:
+        lines.append("| " + " | ".join([esc(r)] + [esc(c.cells.get(r, MISSING)) for c in columns]) + " |")
+    return "\n".join(lines)
+
+
+def source_label(kind: str, profile: str, backbone: str) -> str:
+    """``ours · smoke · toy_vit``: who produced a block of numbers."""
+    return f"{kind} · {profile} · {backbone}"
+
+
+def metric_columns(rows: Sequence[Mapping[str, Any]], metric: str, groups: Sequence[str], source: str,
+                   digits: int = 1) -> list[Column]:
+    """One column per group: ``mean±std`` of ``metric`` per method label (rows of
+    :func:`madeit_core.reproduce.summary_rows`)."""
+    cols = []
+    for g in groups:
+        col = Column(f"{source} · {g}")
+        for r in rows:
+            if r["group"] == g:
+                n = f" (n={r['runs']})" if r.get("runs", 0) < 2 else ""
+                col.cells[r["method"]] = fmt(r[metric], r.get(f"{metric}_std"), digits) + n
+        cols.append(col)
+    return cols
+
+
+def paper_table1_columns(metric: str, arch: str, labels: Mapping[str, str]) -> list[Column]:
+    """The paper's Table 1 for one architecture: one column per T (8, 14, 20).
+
+    ``labels``: our row label → library method name; rows whose method the paper does not report
+    stay empty. The reference rows have no spread in the paper; their BWT is not reported (the
+    individual models' BWT is 0 by definition, shown as such).
+    """
+    if arch not in ARCHS:
+        raise KeyError(f"the paper has no architecture {arch!r}; it has {ARCHS}")
+    cols = []
+    for T in PAPER_T:
+        key = f"{arch}|{T}"
+        col = Column(f"paper · {arch} · T={T}")
+        for label, method in labels.items():
+            name = PAPER_NAMES.get(method)
+            if name is None:
+                continue
+            if name in TABLE1[metric]:
+                m, s = TABLE1[metric][name][key]
+                col.cells[label] = fmt(m, s)
+            elif name in TABLE1_REFERENCE:
+                if metric == "ACC":
+                    col.cells[label] = fmt(TABLE1_REFERENCE[name][key])
+                elif method == "individual":
+                    col.cells[label] = fmt(0.0)
+        cols.append(col)
+    return cols
+
+
+def paper_table2_columns(arch_list: Sequence[str] = tuple(ARCHS)) -> tuple[list[str], list[Column]]:
+    """The paper's Table 2 (8 tasks): rows ``subspace``/``cosine``, columns ACC and BWT per arch."""
+    rows = ["subspace", "cosine"]
+    cols = []
+    for arch in arch_list:
+        for metric in ("ACC", "BWT"):
+            col = Column(f"paper · {arch} · T=8 · {metric}")
+            for r in rows:
+                m, s = TABLE2[r][arch][metric]
+                col.cells[r] = fmt(m, s)
+            cols.append(col)
+    return rows, cols
+
+
+def per_task_columns(means: Mapping[str, Mapping[str, float]], labels: Sequence[str], source: str
+                     ) -> tuple[list[str], list[Column]]:
+    """Tables 4–6 layout: rows = tasks (first-seen order), one column per method label, plus a
+    final ``average`` row."""
+    tasks: list[str] = []
+    for lab in labels:
+        for t in means.get(lab, {}):
+            if t not in tasks:
+                tasks.append(t)
+    cols = []
+    for lab in labels:
+        if lab not in means:
+            continue
+        col = Column(f"{source} · {lab}")
+        for t, v in means[lab].items():
+            col.cells[t] = fmt(v)
+        vals = list(means[lab].values())
+        col.cells["average"] = fmt(sum(vals) / len(vals))
+        cols.append(col)
+    return tasks + ["average"], cols
+
+
+def paper_per_task_columns(arch: str, methods: Sequence[str]) -> tuple[list[str], list[Column]]:
+    """The paper's Tables 4–6 (20 tasks) for ``arch``: rows = the paper's tasks, one column per
+    library method the paper reports, plus an ``average`` row."""
+    table = PER_TASK_20[arch]
+    names = [(m, PAPER_NAMES[m]) for m in methods if PAPER_NAMES.get(m) in table]
+    tasks = list(next(iter(table.values())))
+    cols = []
+    for _, name in names:
+        col = Column(f"paper · {arch} · {name}")
+        for t in tasks:
+            col.cells[t] = fmt(table[name][t])
+        col.cells["average"] = fmt(sum(table[name].values()) / len(table[name]))
+        cols.append(col)
+    return tasks + ["average"], cols
+
+
+__all__ = ["Column", "MISSING", "PAPER_T", "markdown_table", "metric_columns", "paper_per_task_columns",
+           "paper_table1_columns", "paper_table2_columns", "per_task_columns", "source_label"]

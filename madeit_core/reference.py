@@ -1,0 +1,141 @@
+"""Generate the committed reference results: every protocol run and analysis the notebooks show.
+
+``scripts/run_reference.py`` is the command; this module does the work. The plan is the union of
+the notebooks' jobs (:func:`madeit_core.bookplan.notebook_jobs`) under the profile's parameters,
+so the reference holds exactly what the book reads. Runs go through
+:func:`~madeit_core.reproduce.run_grid` into ``<out>/<profile>/<group>/<method>/seed<s>.json``:
+finished runs are skipped, killed ones resume. A manifest (``<out>/<profile>/manifest.json``,
+written atomically after every run) records the library hash, commit, hardware, command and the
+wall time of every run; resuming under a different library is refused unless asked for, and the
+manifest then lists every library that contributed.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from madeit_core.bookplan import MADE_IT_DEFAULTS, Job, merge_jobs, notebook_jobs
+from madeit_core.codehash import json_hash, library_hash
+from madeit_core.errors import MergeInputError
+from madeit_core.io import read_json, write_json
+from madeit_core.nbparams import NOTEBOOKS
+from madeit_core.nbsupport import analysis_path, pairwise_for_benchmark, pairwise_name, runs_for_seeds
+from madeit_core.protocol import RunSpec, git_commit, hardware, resolve_device, results_path
+from madeit_core.reproduce import run_grid
+
+MANIFEST_FORMAT = "madeit-reference/1"
+#: notebooks whose figures need the tasks' own experts (pairwise scores), not protocol runs
+PAIRWISE_NOTEBOOKS = ("fig4_score_densities", "fig5_task_heatmaps")
+
+
+def reference_jobs(params: Mapping[str, Any], notebooks: Sequence[str] | None = None) -> list[Job]:
+    names = list(notebooks) if notebooks else list(NOTEBOOKS)
+    return merge_jobs(j for n in names for j in notebook_jobs(n, params))
+
+
+def _utc() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def load_manifest(folder: Path, params: Mapping[str, Any], lib: str, allow_code_change: bool) -> dict[str, Any]:
+    f = folder / "manifest.json"
+    if not f.is_file():
+        return {"format": MANIFEST_FORMAT, "profile": params["profile"], "benchmark": params["benchmark"],
+                "library_hash": lib, "library_hashes": [lib], "started_utc": _utc(), "runs": {}, "analysis": {}}
+    m = read_json(f)
+    if m.get("format") != MANIFEST_FORMAT:
+        raise MergeInputError(f"{f}: not a reference manifest (format {m.get('format')!r})")
+    if m.get("profile") != params["profile"] or m.get("benchmark") != params["benchmark"]:
+        raise MergeInputError(f"{f} belongs to profile {m.get('profile')!r} / benchmark {m.get('benchmark')!r}, "
+                              f"not {params['profile']!r} / {params['benchmark']!r}")
+    if m.get("library_hash") != lib:
+        if not allow_code_change:
+            raise MergeInputError(
+                f"{f} was started with library {str(m.get('library_hash'))[:12]}, this is {lib[:12]}: the results "
+                "would mix two versions of the code. Pass --allow-code-change to continue anyway (the manifest then "
+                "lists both), or --force to start over.")
+        m["library_hash"] = lib
+        m.setdefault("library_hashes", []).append(lib)
+    return m
+
+
+def run_reference(params: Mapping[str, Any], out: str | os.PathLike[str], notebooks: Sequence[str] | None = None,
+                  allow_code_change: bool = False, analysis: bool = True, show_progress: bool = True,
+                  command: Sequence[str] | None = None) -> dict[str, Any]:
+    """Run every job of ``notebooks`` (default: all) under ``params`` into ``out``; returns the manifest."""
+    from tqdm.auto import tqdm
+
+    from madeit_core.benchmarks import make_benchmark
+
+    out = Path(out)
+    folder = out / params["profile"]
+    lib = library_hash()
+    manifest = load_manifest(folder, params, lib, allow_code_change)
+    device = resolve_device(params.get("device", "auto"))
+    jobs = reference_jobs(params, notebooks)
+    manifest.update({"groups": list(params["groups"]), "seeds": list(params["seeds"]),
+                     "command": list(command) if command is not None else list(sys.argv),
+                     "git_commit": git_commit(), "hardware": hardware(), "device": device,
+                     "python": platform.python_version(),
+                     "notebooks": list(notebooks) if notebooks else list(NOTEBOOKS)})
+    total = sum(len(j.runs) * len(j.seeds) for j in jobs)
+    benches: dict[str, tuple[Any, list[str]]] = {}
+
+    def bench(group: str) -> tuple[Any, list[str]]:
+        if group not in benches:
+            benches[group] = make_benchmark(params["benchmark"], group, profile=params["profile"], device=device)
+        return benches[group]
+
+    t_start = time.perf_counter()
+    bar = tqdm(total=total, desc=f"reference {params['profile']}", disable=not show_progress)
+    for j in jobs:
+        for run in j.runs:
+            for r in runs_for_seeds(j.seeds):
+                spec = RunSpec(method=run.method, group=j.group, run=r, profile=params["profile"],
+                               hparams=dict(run.hparams))
+                path = results_path(out, spec)
+                key = f"{j.group}/{path.parent.name}/{path.name}"
+                bar.set_postfix_str(key)
+                if path.is_file() and key in manifest["runs"]:
+                    bar.update(1)
+                    continue
+                existed = path.is_file()
+                b, tasks = bench(j.group)
+                t0 = time.perf_counter()
+                res = run_grid(b, j.group, tasks, [run], [r], out, params["profile"], device=device,
+                               eval_seen=j.eval_seen, show_progress=show_progress)[0]
+                manifest["runs"][key] = {"label": run.label, "wall_s": round(time.perf_counter() - t0, 3),
+                                         "ACC": res["ACC"], "BWT": res["BWT"], "library_hash": lib,
+                                         "existed_before": existed, "finished_utc": _utc()}
+                manifest["updated_utc"] = _utc()
+                write_json(folder / "manifest.json", manifest)
+                bar.update(1)
+    bar.close()
+    if analysis and (not notebooks or any(n in PAIRWISE_NOTEBOOKS for n in notebooks)):
+        rho = MADE_IT_DEFAULTS["rank_ratio"]
+        for g in params["groups"]:
+            b, tasks = bench(g)
+            name = pairwise_name(g, rho)
+            key = json_hash({"bench": b.describe(), "rank_ratio": rho})
+            f = analysis_path(out, params["profile"], name)
+            if f.is_file() and read_json(f).get("key") == key:
+                continue
+            t0 = time.perf_counter()
+            write_json(f, {"key": key, "value": pairwise_for_benchmark(b, tasks, rho)})
+            manifest["analysis"][name] = {"wall_s": round(time.perf_counter() - t0, 3), "library_hash": lib,
+                                          "finished_utc": _utc()}
+            write_json(folder / "manifest.json", manifest)
+    manifest["wall_s_last_invocation"] = round(time.perf_counter() - t_start, 3)
+    manifest["wall_s_runs_total"] = round(sum(v["wall_s"] for v in manifest["runs"].values()), 3)
+    manifest["updated_utc"] = _utc()
+    write_json(folder / "manifest.json", manifest)
+    return manifest
+
+
+__all__ = ["MANIFEST_FORMAT", "load_manifest", "reference_jobs", "run_reference"]

@@ -1,0 +1,304 @@
+"""What the notebooks call: the run plan, result stores, comparison tables, bank layouts, the
+reference command (on the toy benchmark), and the small helpers added for the book."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from madeit_core import bookplan, booktables, claims, nbsupport
+from madeit_core.analysis import (
+    BankLayout,
+    allocation_matrix,
+    experts_by_group,
+    experts_growth,
+    load_bank_layout,
+    mean_summaries,
+)
+from madeit_core.errors import BankFormatError, MergeInputError
+from madeit_core.experts import EvolutionConfig, ExpertBank
+from madeit_core.modules import ModuleSpec
+from madeit_core.nbparams import NOTEBOOKS, PARAMETER_SETS, collect, parameter_set
+from madeit_core.paper_values import TABLE1, TABLE1_REFERENCE, TABLE2
+from madeit_core.reference import reference_jobs, run_reference
+from madeit_core.reproduce import MethodRun, routing_by_step, routing_per_task
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+# ----------------------------------------------------------------------------- plan
+def test_made_it_variant_at_defaults_is_the_default_run() -> None:
+    d = bookplan.made_it_variant()
+    assert d == MethodRun("MADE-IT", "made_it", {})
+    assert bookplan.made_it_variant(rank_ratio=0.1, margin=1, aggregation="mean").hparams == {}
+    v = bookplan.made_it_variant(margin=2.0, merge_rule="sum")
+    assert v.tag == "margin=2,merge_rule=sum" and v.hparams["margin"] == 2.0
+    with pytest.raises(MergeInputError, match="bogus"):
+        bookplan.made_it_variant(bogus=1)
+
+
+def test_sweeps_share_the_default_run_and_refuse_duplicates() -> None:
+    runs = bookplan.sensitivity_runs("rank_ratio", [0.05, 0.1])
+    assert runs[1].hparams == {} and runs[0].hparams["rank_ratio"] == 0.05
+    with pytest.raises(MergeInputError, match="duplicate"):
+        bookplan.sensitivity_runs("margin", [1.0, 1.0])
+    with pytest.raises(MergeInputError):
+        bookplan.sensitivity_runs("rank", [0.1])
+
+
+def test_ablations_change_one_choice_each() -> None:
+    abl = bookplan.ablation_runs()
+    assert set(abl) == set(bookplan.ABLATIONS)
+    for choice, runs in abl.items():
+        assert runs[0].hparams == {}                                   # the default first
+        assert all(len([k for k in r.hparams if k != "tag"]) == 1 for r in runs[1:]), choice
+    assert any(r.hparams.get("score") == "cosine" for r in abl["affinity score"])
+
+
+def test_table1_rows_and_display_names() -> None:
+    runs = bookplan.table1_runs(bookplan.TABLE1_METHODS)
+    assert [r.method for r in runs] == list(bookplan.TABLE1_METHODS)
+    labels = {r.method: r.label for r in runs}
+    assert labels["made_it"] == "MADE-IT" and labels["swa"] == "Average (SWA)" and labels["odem"] == "ODE-M"
+    assert labels["continual_finetuning"] == "C. Fine-Tuned"
+
+
+def test_jobs_merge_shared_runs_and_cover_every_notebook() -> None:
+    p = parameter_set("smoke", "toy")
+    for name in NOTEBOOKS:
+        for j in bookplan.notebook_jobs(name, p):
+            assert j.group in p["groups"] and j.seeds == tuple(p["seeds"])
+    merged = reference_jobs(p)
+    first = next(j for j in merged if j.group == p["groups"][0])
+    keys = [(r.method, r.tag) for r in first.runs]
+    assert len(keys) == len(set(keys))                                 # each run once
+    assert keys.count(("made_it", None)) == 1                          # table 1, figs, sweeps, ablations share it
+    assert {"fig6_sensitivity", "ablations", "table1_acc_bwt"} <= set(first.notebooks)
+    with pytest.raises(MergeInputError):
+        bookplan.notebook_jobs("nope", p)
+
+
+def test_parameter_sets_and_collect() -> None:
+    for (profile, bench), p in PARAMETER_SETS.items():
+        assert p["profile"] == profile and p["benchmark"] == bench
+        assert all(s >= 42 for s in p["seeds"]) and p["groups"]
+    assert parameter_set("offline")["seeds"] == list(range(42, 52))
+    with pytest.raises(MergeInputError, match="no notebook parameters"):
+        parameter_set("offline", "toy")
+    ns = {k: 1 for k in ("profile", "benchmark", "groups", "seeds", "methods", "device", "results_dir",
+                         "reference_dir")}
+    assert set(collect(ns, "table1_acc_bwt")) == set(ns)
+    with pytest.raises(MergeInputError, match="rho_values"):
+        collect(ns, "fig6_sensitivity")
+
+
+# ----------------------------------------------------------------------------- stores
+def test_build_root_is_keyed_by_the_library_hash(tmp_path: Path) -> None:
+    a = nbsupport.build_root(tmp_path, "a" * 64)
+    assert a == tmp_path / f"lib-{'a' * 12}" and nbsupport.build_root(tmp_path, "b" * 64) != a
+    assert nbsupport.resolve_path("runs/x") == nbsupport.REPO_ROOT / "runs/x"
+    assert nbsupport.runs_for_seeds([42, 51]) == [0, 9]
+    (tmp_path / f"lib-{'a' * 12}").mkdir()
+    (tmp_path / f"lib-{'c' * 12}").mkdir()
+    assert nbsupport.stale_build_roots(tmp_path, "a" * 64) == [tmp_path / f"lib-{'c' * 12}"]
+    with pytest.raises(MergeInputError, match="42"):
+        nbsupport.runs_for_seeds([7])
+
+
+def test_results_store_reads_exact_paths_with_labels(tmp_path: Path) -> None:
+    store = nbsupport.ResultsStore(tmp_path, "offline")
+    run = bookplan.made_it_variant(score="cosine")
+    f = store.path("offline-8", run, 43)
+    assert f == tmp_path / "offline" / "offline-8" / "made_it-score=cosine" / "seed43.json"
+    f.parent.mkdir(parents=True)
+    f.write_text(json.dumps({"method": "made_it", "group": "offline-8", "ACC": 1.0}))
+    out = store.results("offline-8", [run, bookplan.made_it_variant()], [42, 43])
+    assert len(out) == 1 and out[0]["label"] == run.label
+
+
+def test_reference_results_say_plainly_when_absent(tmp_path: Path) -> None:
+    ref = nbsupport.ReferenceResults(tmp_path / "none")
+    assert not ref.available and "No committed reference results" in ref.message
+    assert ref.results_for(ref.jobs(lambda p: bookplan.notebook_jobs("table1_acc_bwt", p))) == []
+    # results made by `madeit run` alone (no manifest) are shown, and the page says so
+    f = tmp_path / "cli" / "offline" / "offline-8" / "swa" / "seed42.json"
+    f.parent.mkdir(parents=True)
+    f.write_text(json.dumps({"method": "swa", "group": "offline-8", "ACC": 1.0, "BWT": 0.0}))
+    ref = nbsupport.ReferenceResults(tmp_path / "cli")
+    assert ref.available and ref.groups == ["offline-8"] and "no manifest" in ref.message
+    got = ref.results_for(ref.jobs(lambda p: bookplan.notebook_jobs("table1_acc_bwt", p)))
+    assert [r["label"] for r in got] == ["Average (SWA)"]
+
+
+def test_verdict_html_escapes_and_skips_missing() -> None:
+    v = {"verdict": "partly", "evidence": "a < b"}
+    html = nbsupport.verdict_html([("ours", v), ("reference", None)])
+    assert "<strong>partly</strong>" in html and "a &lt; b" in html and "reference" not in html
+    assert "No verdict" in nbsupport.verdict_html([])
+
+
+def test_markdown_html_renders_tables() -> None:
+    html = nbsupport.markdown_html("| a | b |\n|---|---|\n| 1 | 2 |")
+    assert '<table class="table">' in html and "<td>2</td>" in html
+
+
+# ----------------------------------------------------------------------------- tables
+def test_paper_table1_columns_come_from_paper_values() -> None:
+    labels = {r.label: r.method for r in bookplan.table1_runs(bookplan.TABLE1_METHODS)}
+    cols = booktables.paper_table1_columns("ACC", "ViT-B/16", labels)
+    assert [c.header for c in cols] == [f"paper · ViT-B/16 · T={t}" for t in (8, 14, 20)]
+    m, s = TABLE1["ACC"]["MADE-IT (Ours)"]["ViT-B/16|14"]
+    assert cols[1].cells["MADE-IT"] == f"{m:.1f}±{s:.1f}"
+    assert cols[0].cells["Pre-Trained"] == f"{TABLE1_REFERENCE['Pre-Trained']['ViT-B/16|8']:.1f}"
+    assert "ODE-M" not in cols[0].cells                                  # the paper does not report it
+    bwt = booktables.paper_table1_columns("BWT", "ViT-B/16", labels)
+    assert bwt[0].cells["Fine-Tuned"] == "0.0" and "Pre-Trained" not in bwt[0].cells
+    with pytest.raises(KeyError):
+        booktables.paper_table1_columns("ACC", "ViT-H/14", labels)
+
+
+def test_metric_columns_and_markdown() -> None:
+    rows = [{"method": "A", "group": "g1", "ACC": 50.0, "ACC_std": 1.25, "runs": 2},
+            {"method": "B", "group": "g1", "ACC": 40.0, "ACC_std": 0.0, "runs": 1}]
+    cols = booktables.metric_columns(rows, "ACC", ["g1", "g2"], "ours · smoke · toy")
+    assert cols[0].cells == {"A": "50.0±1.2", "B": "40.0±0.0 (n=1)"} and cols[1].cells == {}
+    md = booktables.markdown_table(["A", "B", "C|D"], cols, "method")
+    lines = md.splitlines()
+    assert lines[0] == "| method | ours · smoke · toy · g1 | ours · smoke · toy · g2 |"
+    assert lines[-1] == "| C\\|D | – | – |"
+
+
+def test_paper_table2_and_per_task() -> None:
+    rows, cols = booktables.paper_table2_columns(["ViT-L/14"])
+    assert rows == ["subspace", "cosine"] and len(cols) == 2
+    assert cols[0].cells["cosine"] == "{:.1f}±{:.1f}".format(*TABLE2["cosine"]["ViT-L/14"]["ACC"])
+    rows, cols = booktables.paper_per_task_columns("ViT-B/32", ["swa", "made_it", "odem"])
+    assert len(rows) == 21 and rows[-1] == "average" and len(cols) == 2
+    ours_rows, ours_cols = booktables.per_task_columns({"X": {"t1": 10.0, "t2": 20.0}}, ["X", "missing"], "ours")
+    assert ours_rows == ["t1", "t2", "average"] and ours_cols[0].cells["average"] == "15.0"
+
+
+# ----------------------------------------------------------------------------- analysis helpers
+def _bank() -> ExpertBank:
+    import torch
+
+    specs = [ModuleSpec(name=f"blocks.{d}.{n}", key=f"blocks.{d}.{n}.weight", d_out=6, d_in=5, kind="linear",
+                        group=n, depth=d) for d in (0, 1) for n in ("fc1", "fc2")]
+    bank = ExpertBank(specs, EvolutionConfig(rank_ratio=0.4, margin=0.0))
+    g = torch.Generator().manual_seed(0)
+    theta0 = {s.key: torch.randn(6, 5, generator=g) for s in specs}
+    base = {s.key: torch.randn(6, 5, generator=g) for s in specs}
+    for t in range(4):
+        ft = {k: v + base[k] * (1 if t % 2 == 0 else -1) + 0.05 * torch.randn(6, 5, generator=g)
+              for k, v in theta0.items()}
+        bank.absorb(f"t{t}", theta0, ft)
+    return bank
+
+
+def test_bank_layout_matches_the_bank(tmp_path: Path) -> None:
+    bank = _bank()
+    bank.save(tmp_path / "bank")
+    (tmp_path / "bank" / "experts.safetensors").unlink()              # committed results carry no tensors
+    layout = load_bank_layout(tmp_path / "bank")
+    assert layout.allocation() == bank.allocation()
+    assert allocation_matrix(layout) == allocation_matrix(bank)
+    assert experts_by_group(layout) == experts_by_group(bank)
+    growth = experts_growth(layout)
+    assert set(growth) == {"fc1", "fc2"} and all(len(v) == 4 for v in growth.values())
+    assert all(v[0] == 1 and all(b >= a for a, b in zip(v, v[1:])) for v in growth.values())
+    assert all(v[-1] == pytest.approx(experts_by_group(bank)["by_group"][g]["experts_mean"])
+               for g, v in growth.items())
+    with pytest.raises(BankFormatError):
+        load_bank_layout(tmp_path)
+    with pytest.raises(BankFormatError):
+        BankLayout({"format": "other"})
+
+
+def test_mean_summaries() -> None:
+    a = {"T": 4, "by_depth": {0: {"experts_mean": 1.0}, 1: {"experts_mean": 3.0}}}
+    b = {"T": 4, "by_depth": {0: {"experts_mean": 2.0}}}
+    m = mean_summaries([a, b])
+    assert m == {"T": 4.0, "by_depth": {0: {"experts_mean": 1.5}, 1: {"experts_mean": 3.0}}}
+    with pytest.raises(ValueError):
+        mean_summaries([])
+
+
+def test_routing_helpers() -> None:
+    def res(steps, final):
+        return {"steps": [{"task": t, "routing_accuracy": r} for t, r in steps], "routing_accuracy_final": final}
+
+    r1 = res([("a", {"a": 1.0}), ("b", {"b": 0.5})], {"a": 1.0, "b": 0.5})
+    r2 = res([("b", {"b": 0.0}), ("a", {"a": 1.0})], {"a": 0.5, "b": 0.5})
+    assert routing_by_step([r1, r2]) == [50.0, 75.0]
+    assert routing_per_task([r1, r2]) == {"a": 75.0, "b": 50.0}
+    assert routing_by_step([res([("a", None)], None)]) == [None]
+
+
+def test_combine_verdicts() -> None:
+    R, P, N = ({"verdict": v, "evidence": v} for v in (claims.REPRODUCED, claims.PARTLY, claims.NOT))
+    assert claims.combine([R, R])["verdict"] == claims.REPRODUCED
+    assert claims.combine([N, N])["verdict"] == claims.NOT
+    assert claims.combine([R, N])["verdict"] == claims.PARTLY
+    assert claims.combine([P, P], ["ρ", "λ"])["evidence"].startswith("ρ: partly")
+    assert claims.combine([])["verdict"] == claims.NOT
+    with pytest.raises(ValueError):
+        claims.combine([R], ["a", "b"])
+
+
+# ----------------------------------------------------------------------------- the reference command
+def test_run_reference_on_the_toy_benchmark(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    params = {**parameter_set("smoke", "toy"), "groups": ["toy-3"], "seeds": [42], "methods": ["swa", "made_it"],
+              "device": "cpu"}
+    notebooks = ["table1_acc_bwt", "table2_affinity_cosine", "fig4_score_densities"]
+    m = run_reference(params, tmp_path, notebooks, show_progress=False, command=["test"])
+    keys = sorted(m["runs"])
+    assert keys == ["toy-3/made_it-score=cosine/seed42.json", "toy-3/made_it/seed42.json", "toy-3/swa/seed42.json"]
+    assert all(v["wall_s"] >= 0 and v["library_hash"] == m["library_hash"] for v in m["runs"].values())
+    assert list(m["analysis"]) == ["pairwise-toy-3-rho0.1"]
+    saved = json.loads((tmp_path / "smoke" / "manifest.json").read_text())
+    assert saved["runs"] == m["runs"] and saved["command"] == ["test"]
+    # the notebooks read it back as reference results
+    ref = nbsupport.ReferenceResults(tmp_path, profile="smoke")
+    assert ref.available and ref.groups == ["toy-3"]
+    got = ref.results("toy-3", bookplan.table1_runs(["swa", "made_it"]), [42])
+    assert [r["label"] for r in got] == ["Average (SWA)", "MADE-IT"]
+    assert ref.bank_layout("toy-3", bookplan.made_it_variant(), 42) is not None
+    assert ref.analysis("pairwise-toy-3-rho0.1")["tasks"] == ["toy0", "toy1", "toy2"]
+    # resuming runs nothing again
+    m2 = run_reference(params, tmp_path, notebooks, show_progress=False, command=["test"])
+    assert m2["runs"] == m["runs"]
+    # a changed library is refused unless allowed
+    monkeypatch.setattr("madeit_core.reference.library_hash", lambda: "f" * 64)
+    with pytest.raises(MergeInputError, match="allow-code-change"):
+        run_reference(params, tmp_path, notebooks, show_progress=False)
+    m3 = run_reference(params, tmp_path, notebooks, allow_code_change=True, show_progress=False)
+    assert m3["library_hashes"][-1] == "f" * 64 and len(m3["library_hashes"]) == 2
+
+
+def test_run_reference_script_dry_run() -> None:
+    out = subprocess.run([sys.executable, str(REPO / "scripts" / "run_reference.py"), "--profile", "smoke",
+                          "--benchmark", "toy", "--runs", "1", "--dry-run"], capture_output=True, text=True,
+                         timeout=120, cwd=REPO)
+    assert out.returncode == 0, out.stderr
+    assert "toy-4:" in out.stdout and "total:" in out.stdout
+
+
+def test_build_results_keep_progress_bars_out_of_outputs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    params = {**parameter_set("smoke", "toy"), "results_dir": str(tmp_path)}
+    build = nbsupport.BuildResults(params)
+    with build._quiet():
+        print("bar 50%", file=sys.stderr)
+    assert capsys.readouterr().err == ""
+    with pytest.raises(RuntimeError), build._quiet():
+        print("what happened", file=sys.stderr)
+        raise RuntimeError("x")
+    assert "what happened" in capsys.readouterr().err                # shown when the block fails
+    loud = nbsupport.BuildResults(params, show_progress=True)
+    with loud._quiet():
+        print("bar 60%", file=sys.stderr)
+    assert "bar 60%" in capsys.readouterr().err
+    assert build.root.parent == tmp_path and build.root.name.startswith("lib-")
