@@ -6,7 +6,7 @@ export PYTHONPATH := $(CURDIR)$(if $(PYTHONPATH),:$(PYTHONPATH))
 export MADEIT_DATA ?= $(abspath $(CURDIR)/../shared/data)
 PROFILE ?= smoke
 
-.PHONY: test unit lint book book-html book-deps book-check notebooks clean env
+.PHONY: test unit lint book book-html book-deps book-check notebooks nbval clean env
 
 env:
 	@echo "environment: $(VENV)"

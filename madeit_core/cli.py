@@ -188,6 +188,29 @@ def _cmd_data_fetch(a: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench(a: argparse.Namespace) -> int:
+    from madeit_core.bench import BenchSettings, default_out, run_bench
+
+    csv = (lambda v: [x.strip() for x in v.split(",") if x.strip()] if v else None)  # noqa: E731
+    settings = BenchSettings.make(suites=csv(a.suite), shapes=csv(a.shapes), device=a.device, quick=a.quick,
+                                  banks=a.banks, methods=csv(a.methods),
+                                  batch_sizes=[int(x) for x in csv(a.batch_sizes)] if a.batch_sizes else None,
+                                  scaling_tasks=a.scaling_tasks, threads=a.threads,
+                                  finetuned=[str(p) for p in a.finetuned] if a.finetuned else None)
+    if a.steps is not None:
+        settings.steps = {k: a.steps for k in settings.shapes}
+    if a.repeats is not None:
+        settings.repeats = {k: a.repeats for k in settings.shapes}
+    out = a.out or default_out(settings.device)
+    res = run_bench(settings, out, force=a.force, log=(lambda m: print(m, flush=True)) if not a.quiet else None)
+    print(f"wrote {out} ({res['manifest']['wall_s_total']:.0f} s)")
+    for name, t in res["targets"].items():
+        verdict = {True: "PASS", False: "FAIL", None: "n/a"}[t.get("pass")]
+        value = t.get("value")
+        print(f"  {verdict:4}  {name}: {value if value is None else f'{value:.3g}'} ({t['target']})")
+    return 0
+
+
 def _runs(text: str) -> list[int]:
     if ".." in text:
         lo, hi = text.split("..")
@@ -259,6 +282,24 @@ def build_parser() -> argparse.ArgumentParser:
     df.add_argument("--out", required=True, help="mirror folder to fill")
     df.add_argument("--tasks", nargs="+", help="only these tasks (default: all)")
     df.set_defaults(func=_cmd_data_fetch)
+    b = sub.add_parser("bench", help="measure absorb cost, routed throughput, memory, scaling and SVD accuracy")
+    b.add_argument("--suite", help="comma list of absorb,routed,memory,scaling,svd (default: all)")
+    b.add_argument("--shapes", help="comma list of vit-b32,vit-l14,efficientnet (quick: tiny-vit,tiny-cnn)")
+    b.add_argument("--device", default="auto", help="auto (cuda when present), cpu or cuda")
+    b.add_argument("--out", help="results JSON (default results/perf/<host>-<device>.json)")
+    b.add_argument("--quick", action="store_true", help="tiny shapes and few repeats (seconds; for tests)")
+    b.add_argument("--banks", help="folder with expert banks (runs' .artifacts) for the memory suite")
+    b.add_argument("--methods", help="comma list of method specs, e.g. made_it,made_it:svd=randomized,opcm")
+    b.add_argument("--steps", type=int, help="models absorbed per sequence (all shapes)")
+    b.add_argument("--repeats", type=int, help="sequences per method (all shapes)")
+    b.add_argument("--batch-sizes", help="comma list (default 1,128)")
+    b.add_argument("--scaling-tasks", type=int, help="T of the scaling suite (default 20)")
+    b.add_argument("--threads", type=int, help="torch CPU threads (default: torch's; 1 on a shared machine)")
+    b.add_argument("--finetuned", nargs="+", metavar="SAFETENSORS",
+                   help="fine-tuned EfficientNet-Lite0 checkpoints: the svd suite also checks real task vectors")
+    b.add_argument("--force", action="store_true", help="recompute everything (default: resume)")
+    b.add_argument("--quiet", action="store_true")
+    b.set_defaults(func=_cmd_bench)
     return p
 
 

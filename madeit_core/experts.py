@@ -30,12 +30,14 @@ from madeit_core.geometry import (
     expert_affinity,
     expert_cosine,
     extract_expert,
+    extract_experts,
     merge_experts,
     rank_for,
 )
 from madeit_core.io import load_tensors, read_json, save_tensors, write_json
 from madeit_core.modules import ModuleSpec, as_matrix
 from madeit_core.statedict import check_compatible, compute_dtype
+from madeit_core.timing import timed
 
 HistoryRule = Literal["past+current", "past"]
 ScoreRule = Literal["subspace", "cosine"]
@@ -56,7 +58,8 @@ class EvolutionConfig:
     - ``score``: ``subspace`` affinity (the paper) or ``cosine`` of flattened updates (Table 2).
     - ``others``: ``mean`` (θ0 + mean τ), ``pretrained`` (θ0) or ``task_arithmetic``
       (θ0 + ``others_scale`` · Σ τ).
-    - ``svd``: ``exact`` or ``randomized`` top-k SVD for Eq. 5.
+    - ``svd``: ``exact``, ``gram`` (exact top-k via the Gram matrix, faster) or ``randomized``
+      top-k SVD for Eq. 5 (:func:`~madeit_core.geometry.top_k_svd`).
     """
 
     rank_ratio: float = 0.1
@@ -74,7 +77,7 @@ class EvolutionConfig:
         rank_for(1, 1, self.rank_ratio)  # validates the range
         choices = {"history": ("past+current", "past"), "merge_rule": ("polar", "sum", "mean"),
                    "score": ("subspace", "cosine"), "others": ("mean", "pretrained", "task_arithmetic"),
-                   "svd": ("exact", "randomized")}
+                   "svd": ("exact", "gram", "randomized")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise MergeInputError(f"{name}={getattr(self, name)!r} is not one of {allowed}")
@@ -113,8 +116,14 @@ class ModuleExperts:
     def zero_index(self) -> int | None:
         return next((i for i, e in enumerate(self.experts) if e.is_zero), None)
 
-    def absorb(self, task: str, delta: torch.Tensor, step: int, cfg: EvolutionConfig) -> Decision:
-        new = extract_expert(delta, rank=self.rank, task=task, svd=cfg.svd)
+    def absorb(self, task: str, delta: torch.Tensor | None, step: int, cfg: EvolutionConfig,
+               new: Expert | None = None) -> Decision:
+        """Evolve with task ``task``: its update ``delta``, or its expert ``new`` if already extracted."""
+        if new is None:
+            if delta is None:
+                raise MergeInputError(f"module {self.spec.key}: absorb needs the update or its expert")
+            with timed("svd"):
+                new = extract_expert(delta, rank=self.rank, task=task, svd=cfg.svd)
         base = {"task": task, "step": step, "module": self.spec.key}
         if new.is_zero:
             z = self.zero_index()
@@ -132,7 +141,8 @@ class ModuleExperts:
                             history_mean=None, history_std=None, history_size=len(self.history),
                             experts_after=len(self.experts))
         score_fn = expert_affinity if cfg.score == "subspace" else expert_cosine
-        scores = [score_fn(self.experts[i], new) for i in candidates]
+        with timed("affinity"):
+            scores = [score_fn(self.experts[i], new) for i in candidates]
         H = self.history + scores if cfg.history == "past+current" else list(self.history)
         best = max(range(len(scores)), key=lambda j: (scores[j], -j))
         threshold = mean = std = None
@@ -142,7 +152,8 @@ class ModuleExperts:
             threshold = mean + cfg.margin * std
         if threshold is not None and scores[best] >= threshold:
             j = candidates[best]
-            self.experts[j] = merge_experts(self.experts[j], new, rank=self.rank, rule=cfg.merge_rule)
+            with timed("merge"):
+                self.experts[j] = merge_experts(self.experts[j], new, rank=self.rank, rule=cfg.merge_rule)
             action, idx = "consolidate", j
         else:
             self.experts.append(new)
@@ -161,7 +172,11 @@ class ModuleExperts:
 class ExpertBank:
     """All modules' expert sets, the merged *other* parameters and the decision log."""
 
-    def __init__(self, specs: list[ModuleSpec], config: EvolutionConfig | None = None) -> None:
+    def __init__(self, specs: list[ModuleSpec], config: EvolutionConfig | None = None,
+                 batch_svd: bool | None = None) -> None:
+        """``batch_svd``: extract all modules' experts with one batched SVD per stack of
+        same-shaped updates (:func:`~madeit_core.geometry.extract_experts`); None (default) does
+        so when the updates are on a GPU. Results equal the one-by-one path up to rounding."""
         if not specs:
             raise MergeInputError("no linear modules to build experts for (empty module list)")
         keys = [s.key for s in specs]
@@ -174,6 +189,7 @@ class ExpertBank:
         self.tasks: list[str] = []
         self.others_sum: dict[str, torch.Tensor] = {}
         self.decisions: list[Decision] = []
+        self.batch_svd = batch_svd
 
     # ------------------------------------------------------------------ evolution
     def absorb(self, task: str, pretrained: Mapping[str, torch.Tensor], finetuned: Mapping[str, torch.Tensor]
@@ -181,26 +197,42 @@ class ExpertBank:
         """Absorb one fine-tuned model (Algorithm 1, one step). Inputs are validated first."""
         if task in self.tasks:
             raise MergeInputError(f"duplicate task name {task!r}")
-        check_compatible(pretrained, finetuned, f"fine-tuned model of {task!r}")
-        for s in self.specs:
-            if s.key not in pretrained:
-                raise MergeInputError(f"module weight {s.key!r} is not in the model's state dict")
-            shape = tuple(pretrained[s.key].shape[:2])
-            if shape != (s.d_out, s.d_in) or not pretrained[s.key].is_floating_point():
-                raise MergeInputError(f"module {s.key!r}: expected a float ({s.d_out}, {s.d_in}) weight, "
-                                      f"got {pretrained[s.key].dtype} {tuple(pretrained[s.key].shape)}")
+        with timed("validate"):
+            check_compatible(pretrained, finetuned, f"fine-tuned model of {task!r}")
+            for s in self.specs:
+                if s.key not in pretrained:
+                    raise MergeInputError(f"module weight {s.key!r} is not in the model's state dict")
+                shape = tuple(pretrained[s.key].shape[:2])
+                if shape != (s.d_out, s.d_in) or not pretrained[s.key].is_floating_point():
+                    raise MergeInputError(f"module {s.key!r}: expected a float ({s.d_out}, {s.d_in}) weight, "
+                                          f"got {pretrained[s.key].dtype} {tuple(pretrained[s.key].shape)}")
         step = len(self.tasks) + 1
         decisions = []
-        for s in self.specs:
-            w0 = pretrained[s.key]
-            delta = as_matrix(finetuned[s.key].to(compute_dtype(w0)) - w0.to(compute_dtype(w0)))
-            decisions.append(self.modules[s.key].absorb(task, delta, step, self.config))
+        batch = self.batch_svd
+        if batch is None:
+            batch = any(finetuned[s.key].is_cuda for s in self.specs)
+        if batch:
+            with timed("delta"):
+                deltas = [as_matrix(finetuned[s.key].to(compute_dtype(pretrained[s.key]))
+                                    - pretrained[s.key].to(compute_dtype(pretrained[s.key]))) for s in self.specs]
+            with timed("svd"):
+                new = extract_experts(deltas, [self.modules[s.key].rank for s in self.specs], task, self.config.svd)
+            del deltas
+            for s, e in zip(self.specs, new, strict=True):
+                decisions.append(self.modules[s.key].absorb(task, None, step, self.config, new=e))
+        else:
+            for s in self.specs:
+                w0 = pretrained[s.key]
+                with timed("delta"):
+                    delta = as_matrix(finetuned[s.key].to(compute_dtype(w0)) - w0.to(compute_dtype(w0)))
+                decisions.append(self.modules[s.key].absorb(task, delta, step, self.config))
         module_keys = set(self.modules)
-        for k, v in pretrained.items():
-            if k in module_keys or not v.is_floating_point():
-                continue
-            tau = finetuned[k].to(compute_dtype(v)) - v.to(compute_dtype(v))
-            self.others_sum[k] = tau if k not in self.others_sum else self.others_sum[k] + tau
+        with timed("others"):
+            for k, v in pretrained.items():
+                if k in module_keys or not v.is_floating_point():
+                    continue
+                tau = finetuned[k].to(compute_dtype(v)) - v.to(compute_dtype(v))
+                self.others_sum[k] = tau if k not in self.others_sum else self.others_sum[k] + tau
         self.tasks.append(task)
         self.decisions.extend(decisions)
         return decisions

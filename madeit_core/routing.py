@@ -23,6 +23,8 @@ from torch import nn
 from madeit_core.errors import MergeInputError
 from madeit_core.experts import ExpertBank
 from madeit_core.geometry import Expert
+from madeit_core.modules import ModuleSpec
+from madeit_core.timing import timed
 
 Aggregation = Literal["mean", "cls", "token_mean"]
 
@@ -100,17 +102,117 @@ def route_path(scores: Mapping[str, Sequence[float]], task_sets: Mapping[str, Se
     return chosen, C
 
 
+def route_batch(scores: Mapping[str, torch.Tensor], task_sets: Mapping[str, Sequence[Collection[str]]],
+                module_order: Sequence[str], batch: int) -> tuple[list[tuple[int, ...]], list[frozenset[str]]]:
+    """:func:`route_path` for a whole batch at once; the same paths and sets, sample by sample.
+
+    ``scores[m]`` is a [batch, n_experts] tensor (a module missing from ``scores`` scores 0 for
+    every expert, as in :meth:`RoutedModel.route`). The only sample-dependent step of
+    :func:`route_path` is the anchor's argmax; everything else (candidates, the next anchor, C)
+    depends on the choices made so far. Samples that made the same choices therefore share one
+    state, and each state needs one vectorised argmax (ties go to the lowest index, as in
+    :func:`route_path`). Cost: one argmax per distinct partial path instead of a Python walk
+    over the modules per sample.
+    """
+    depth = {m: i for i, m in enumerate(module_order)}
+    sets = {m: [frozenset(a) for a in task_sets[m]] for m in module_order}
+    for m in module_order:
+        if not sets[m]:
+            raise MergeInputError(f"module {m!r} has no experts")
+        if m in scores and tuple(scores[m].shape) != (batch, len(sets[m])):
+            raise MergeInputError(f"module {m!r}: scores of shape {tuple(scores[m].shape)}, expected "
+                                  f"({batch}, {len(sets[m])})")
+    all_tasks = frozenset().union(*(a for m in module_order for a in sets[m]))
+    paths: list[tuple[int, ...] | None] = [None] * batch
+    finals: list[frozenset[str] | None] = [None] * batch
+    # a state: (sample indices, candidates per module, chosen per module, C)
+    stack: list[tuple[torch.Tensor, dict[str, list[int]], dict[str, int], frozenset[str] | None]] = [
+        (torch.arange(batch), {m: list(range(len(sets[m]))) for m in module_order}, {}, None)]
+    while stack:
+        idx, cands, chosen, C = stack.pop()
+        if C is not None:
+            for m in module_order:
+                if m not in chosen:
+                    cands[m] = [e for e in cands[m] if C & sets[m][e]]
+                    if len(cands[m]) == 1:
+                        chosen[m] = cands[m][0]
+        open_modules = [m for m in module_order if m not in chosen]
+        if open_modules:
+            anchor = max(open_modules, key=lambda m: (len(cands[m]), depth[m]))
+            if C is None and len(cands[anchor]) == 1:
+                for m in open_modules:
+                    chosen[m] = cands[m][0]
+                open_modules = []
+        if not open_modules:
+            path = tuple(chosen[m] for m in module_order)
+            for i in idx.tolist():
+                paths[i], finals[i] = path, (C if C is not None else all_tasks)
+            continue
+        cand = cands[anchor]
+        if anchor in scores:
+            sc = scores[anchor].detach()[idx.to(scores[anchor].device)][:, cand]
+            pick = torch.argmax(sc.float(), dim=1).cpu()
+        else:
+            pick = torch.zeros(idx.numel(), dtype=torch.long)
+        for j in torch.unique(pick).tolist():
+            e = cand[j]
+            A = sets[anchor][e]
+            stack.append((idx[pick == j], {m: list(v) for m, v in cands.items()}, {**chosen, anchor: e},
+                          A if C is None else C & A))
+    return [p for p in paths if p is not None], [c for c in finals if c is not None]
+
+
+def fpa_many(h: torch.Tensor, V_cat: torch.Tensor, segments: torch.Tensor, aggregation: Aggregation = "mean",
+             eps: float = 1e-12) -> torch.Tensor:
+    """FPA of several experts at once: [B, n_experts], column e equal to ``fpa(h, V_e)``.
+
+    ``V_cat`` holds the experts' bases side by side (d × Σk) and ``segments`` (Σk × n_experts)
+    is 1 where a column belongs to an expert, so ‖V_eᵀh‖² = ((hᵀV_cat)²  · segments)_e: one
+    product with all bases instead of one per expert. A zero expert has an empty segment (FPA 0).
+    """
+    t = h[:, None, :] if h.ndim == 2 else h
+    if aggregation == "cls":
+        t = t[:, :1]
+    elif aggregation == "token_mean":
+        t = t.mean(dim=1, keepdim=True)
+    elif aggregation != "mean":
+        raise MergeInputError(f"unknown FPA aggregation {aggregation!r} (mean, cls, token_mean)")
+    if V_cat.shape[1] == 0:
+        return torch.zeros(t.shape[0], segments.shape[1], dtype=t.dtype, device=t.device)
+    proj = t @ V_cat.to(t.dtype)
+    num = (proj * proj) @ segments.to(t.dtype)
+    den = torch.linalg.vector_norm(t, dim=-1).clamp_min(eps)
+    return (num.clamp_min(0).sqrt() / den[..., None]).mean(dim=1)
+
+
+Grouping = Literal["module", "path"]
+
+
 class RoutedModel(nn.Module):
     """θ0 wrapped with an expert bank for routed inference (images → features).
 
     ``forward`` records, per sample, the final constraint set; :meth:`routing_accuracy` gives the
     share of samples since :meth:`reset_routing_log` whose set contains a given task (the
     diagnostic the paper lacks).
+
+    Cost: two forward passes per batch, the fewest the method allows. The pre-trained pass
+    scores every expert from the activations it records (:func:`fpa_many`, one product per
+    module); :func:`route_batch` routes the batch with one argmax per distinct partial path; the
+    routed pass then runs, with ``grouping="module"`` (default), once for the whole batch: at
+    every module the samples are grouped by the expert their path picks. A module whose samples
+    all use one expert and see many tokens gets θ0 + U diag(s) Vᵀ written into its weight for
+    the pass (cheaper than the low-rank product when tokens · (d_in + d_out) > d_in · d_out);
+    otherwise the expert is applied as a low-rank update, h ↦ W0 h + U (s ⊙ Vᵀh), for the
+    samples that chose it. ``grouping="path"`` runs one pass per distinct path instead (the
+    simple scheme; same numbers up to rounding).
     """
 
     def __init__(self, pretrained: nn.Module, bank: ExpertBank, aggregation: Aggregation = "mean",
-                 copy_model: bool = True) -> None:
+                 copy_model: bool = True, grouping: Grouping = "module") -> None:
         super().__init__()
+        if grouping not in ("module", "path"):
+            raise MergeInputError(f"unknown grouping {grouping!r} (module, path)")
+        self.grouping: Grouping = grouping
         self.model = copy.deepcopy(pretrained) if copy_model else pretrained
         self.model.eval()
         self.bank = bank
@@ -130,6 +232,18 @@ class RoutedModel(nn.Module):
             self._experts[s.key] = [Expert(e.U.to(device, w.dtype), e.s.to(device, w.dtype), e.V.to(device, w.dtype),
                                            list(e.tasks)) for e in bank.modules[s.key].experts]
         self._task_sets = {k: [frozenset(e.tasks) for e in v] for k, v in self._experts.items()}
+        # all bases of a multi-expert module side by side, for one FPA product per module
+        self._fpa_bases: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        for key, experts in self._experts.items():
+            if len(experts) < 2:
+                continue
+            ks = [e.rank for e in experts]
+            seg = torch.zeros(sum(ks), len(ks), dtype=experts[0].V.dtype, device=device)
+            start = 0
+            for j, k in enumerate(ks):
+                seg[start:start + k, j] = 1.0
+                start += k
+            self._fpa_bases[key] = (torch.cat([e.V for e in experts], dim=1).contiguous(), seg)
         sd = self.model.state_dict()
         delta = bank.others_delta()
         unknown = [k for k in delta if k not in sd]
@@ -140,11 +254,13 @@ class RoutedModel(nn.Module):
                                for k in delta}
         self._route_log: list[frozenset[str]] = []
         self.path_counts: list[int] = []
+        self.dense_modules: list[int] = []
 
     # ----------------------------------------------------------------- diagnostics
     def reset_routing_log(self) -> None:
         self._route_log = []
         self.path_counts = []
+        self.dense_modules = []
 
     def routing_accuracy(self, task: str) -> float | None:
         if not self._route_log:
@@ -165,18 +281,18 @@ class RoutedModel(nn.Module):
         out: dict[str, torch.Tensor] = {}
         handles = []
         for s in self.specs:
-            experts = self._experts[s.key]
-            if len(experts) < 2:
+            if s.key not in self._fpa_bases:
                 continue
 
             def hook(mod: nn.Module, inp: tuple[torch.Tensor, ...], key: str = s.key, kind: str = s.kind) -> None:
-                t = _tokens(inp[0], kind)
-                out[key] = torch.stack([fpa(t, e.V, self.aggregation) for e in self._experts[key]], dim=1)
+                with timed("fpa"):
+                    V_cat, seg = self._fpa_bases[key]
+                    out[key] = fpa_many(_tokens(inp[0], kind), V_cat, seg, self.aggregation)
 
             handles.append(self._mods[s.key].register_forward_pre_hook(hook))
         try:
-            self._load_others(self._others_pre)
-            with torch.no_grad():
+            with timed("pretrained_pass"), torch.no_grad():
+                self._load_others(self._others_pre)
                 self.model(x)
         finally:
             for h in handles:
@@ -186,39 +302,77 @@ class RoutedModel(nn.Module):
     def route(self, x: torch.Tensor) -> tuple[list[tuple[int, ...]], list[frozenset[str]]]:
         """Paths (one expert index per module, in bank order) and constraint sets per sample."""
         scores = self.score(x)
-        keys = [s.key for s in self.specs]
-        cpu_scores = {k: v.float().cpu().tolist() for k, v in scores.items()}
-        paths, sets = [], []
-        for b in range(x.shape[0]):
-            per = {k: (cpu_scores[k][b] if k in cpu_scores else [0.0] * len(self._task_sets[k])) for k in keys}
-            chosen, C = route_path(per, self._task_sets, keys)
-            paths.append(tuple(chosen[k] for k in keys))
-            sets.append(C)
-        return paths, sets
+        with timed("routing"):
+            return route_batch(scores, self._task_sets, [s.key for s in self.specs], x.shape[0])
 
     def forward_with_path(self, x: torch.Tensor, path: Sequence[int]) -> torch.Tensor:
         """Pass 2 for samples sharing ``path``: low-rank updates on θ0 plus merged others."""
+        return self.forward_with_paths(x, [tuple(path)] * x.shape[0], dense=False)
+
+    def forward_with_paths(self, x: torch.Tensor, paths: Sequence[Sequence[int]], dense: bool = True
+                           ) -> torch.Tensor:
+        """Pass 2 for a batch whose samples may follow different paths, in one forward.
+
+        At each module the samples are grouped by the expert their path picks. With ``dense``, a
+        module whose samples all pick one expert and whose input has enough tokens runs with the
+        dense weight W0 + U diag(s) Vᵀ (restored to W0 right after the module ran); otherwise each
+        group adds its expert's low-rank update to the module's θ0 output.
+        """
+        if len(paths) != x.shape[0]:
+            raise MergeInputError(f"{len(paths)} paths for a batch of {x.shape[0]}")
+        sel = torch.tensor([list(p) for p in paths], dtype=torch.long).reshape(x.shape[0], len(self.specs))
         handles = []
-        for s, e_idx in zip(self.specs, path, strict=True):
-            e = self._experts[s.key][e_idx]
-            if e.is_zero:
+        swapped: dict[str, torch.Tensor] = {}
+        n_dense = [0]
+        for mi, s in enumerate(self.specs):
+            column = sel[:, mi]
+            used = torch.unique(column).tolist()
+            experts = self._experts[s.key]
+            groups = [(experts[e], None if len(used) == 1 else (column == e).nonzero().flatten().to(x.device))
+                      for e in used if not experts[e].is_zero]
+            if not groups:
                 continue
+            mod = self._mods[s.key]
+            if dense and len(groups) == 1 and groups[0][1] is None and mod.weight.is_contiguous():
+                def pre(m: nn.Module, inp: tuple[torch.Tensor, ...], e: Expert = groups[0][0], key: str = s.key,
+                        spec: ModuleSpec = s) -> None:
+                    h = inp[0]
+                    n = h.numel() // spec.d_in
+                    if n * (spec.d_in + spec.d_out) > spec.d_in * spec.d_out:
+                        with timed("dense_expert"):
+                            w = m.weight.data
+                            swapped[key] = w.clone()
+                            w.view(spec.d_out, spec.d_in).addmm_(e.U * e.s, e.V.T)
+                            n_dense[0] += 1
 
-            def hook(mod: nn.Module, inp: tuple[torch.Tensor, ...], output: torch.Tensor, e: Expert = e,
-                     kind: str = s.kind) -> torch.Tensor:
-                h = inp[0]
-                if kind == "conv1x1":
-                    z = torch.einsum("bchw,ck->bkhw", h, e.V) * e.s[None, :, None, None]
-                    return output + torch.einsum("bkhw,ok->bohw", z, e.U)
-                return output + ((h @ e.V) * e.s) @ e.U.T
+                def post(m: nn.Module, inp: tuple[torch.Tensor, ...], output: torch.Tensor,
+                         e: Expert = groups[0][0], key: str = s.key, kind: str = s.kind) -> torch.Tensor:
+                    w0 = swapped.pop(key, None)
+                    if w0 is not None:
+                        m.weight.data.copy_(w0)
+                        return output
+                    return _add_lowrank(output, inp[0], [(e, None)], kind)
 
-            handles.append(self._mods[s.key].register_forward_hook(hook))
+                handles.append(mod.register_forward_pre_hook(pre))
+                handles.append(mod.register_forward_hook(post))
+            else:
+                def post_many(m: nn.Module, inp: tuple[torch.Tensor, ...], output: torch.Tensor,
+                              groups: list[tuple[Expert, torch.Tensor | None]] = groups,
+                              kind: str = s.kind) -> torch.Tensor:
+                    return _add_lowrank(output, inp[0], groups, kind)
+
+                handles.append(mod.register_forward_hook(post_many))
         try:
             self._load_others(self._others_merged)
-            return self.model(x)
+            y = self.model(x)
         finally:
             for h in handles:
                 h.remove()
+            with torch.no_grad():
+                for key, w0 in swapped.items():   # only after an exception inside a module
+                    self._mods[key].weight.data.copy_(w0)
+        self.dense_modules.append(n_dense[0])
+        return y
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -228,15 +382,37 @@ class RoutedModel(nn.Module):
         for i, p in enumerate(paths):
             groups[p].append(i)
         self.path_counts.append(len(groups))
+        if self.grouping == "module" or len(groups) == 1:
+            with timed("routed_pass"):
+                return self.forward_with_paths(x, paths)
         out: torch.Tensor | None = None
         for p, idx in groups.items():
-            ids = torch.tensor(idx, device=x.device)
-            y = self.forward_with_path(x[ids], p)
-            if out is None:
-                out = y.new_empty((x.shape[0], *y.shape[1:]))
-            out[ids] = y
+            with timed("routed_pass"):
+                ids = torch.tensor(idx, device=x.device)
+                y = self.forward_with_path(x[ids], p)
+                if out is None:
+                    out = y.new_empty((x.shape[0], *y.shape[1:]))
+                out[ids] = y
         assert out is not None
         return out
+
+
+def _add_lowrank(output: torch.Tensor, h: torch.Tensor, groups: Sequence[tuple[Expert, torch.Tensor | None]],
+                 kind: str) -> torch.Tensor:
+    """output + U diag(s) Vᵀ h for each (expert, sample rows) group (rows None: all samples)."""
+    with timed("lowrank_apply"):
+        for e, rows in groups:
+            hs = h if rows is None else h.index_select(0, rows)
+            if kind == "conv1x1":
+                z = torch.einsum("bchw,ck->bkhw", hs, e.V) * e.s[None, :, None, None]
+                upd = torch.einsum("bkhw,ok->bohw", z, e.U)
+            else:
+                upd = ((hs @ e.V) * e.s) @ e.U.T
+            if rows is None:
+                output = output + upd
+            else:
+                output = output.index_add(0, rows, upd)
+        return output
 
 
 def wrap(pretrained: nn.Module, bank: ExpertBank, aggregation: Aggregation = "mean") -> RoutedModel:

@@ -25,6 +25,7 @@ from torch import nn
 from madeit_core.errors import MergeInputError
 from madeit_core.modules import ModuleSpec, discover_modules
 from madeit_core.statedict import ModelLike, StateDict, as_state_dict, check_compatible, check_pretrained
+from madeit_core.timing import timed
 
 # features (B × D) -> logits (B × C) for one task; a frozen, task-specific classification head.
 Head = Callable[[torch.Tensor], torch.Tensor]
@@ -95,8 +96,9 @@ class ContinualMethod(ABC):
             raise MergeInputError(f"{self.name}: call setup(pretrained, ctx) before absorb")
         if task in self.tasks:
             raise MergeInputError(f"{self.name}: duplicate task name {task!r}")
-        sd = as_state_dict(finetuned, f"fine-tuned model of {task!r}")
-        check_compatible(self.theta0, sd, f"fine-tuned model of {task!r}")
+        with timed("validate"):
+            sd = as_state_dict(finetuned, f"fine-tuned model of {task!r}")
+            check_compatible(self.theta0, sd, f"fine-tuned model of {task!r}")
         self._absorb(task, sd)
         self.tasks.append(task)
 
