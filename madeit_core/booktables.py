@@ -45,15 +45,21 @@ def source_label(kind: str, profile: str, backbone: str) -> str:
 
 
 def metric_columns(rows: Sequence[Mapping[str, Any]], metric: str, groups: Sequence[str], source: str,
-                   digits: int = 1) -> list[Column]:
+                   digits: int = 1, expected: int | None = None) -> list[Column]:
     """One column per group: ``mean±std`` of ``metric`` per method label (rows of
-    :func:`madeit_core.reproduce.summary_rows`)."""
+    :func:`madeit_core.reproduce.summary_rows`).
+
+    A cell averaging a number of orders other than ``expected`` says so (``(n=3)``), so a partial
+    grid is shown as what it is; without ``expected``, cells of a single order are marked.
+    """
     cols = []
     for g in groups:
         col = Column(f"{source} · {g}")
         for r in rows:
             if r["group"] == g:
-                n = f" (n={r['runs']})" if r.get("runs", 0) < 2 else ""
+                runs = int(r.get("runs", 0))
+                partial = runs != expected if expected is not None else runs < 2
+                n = f" (n={runs})" if partial else ""
                 col.cells[r["method"]] = fmt(r[metric], r.get(f"{metric}_std"), digits) + n
         cols.append(col)
     return cols

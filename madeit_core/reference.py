@@ -3,8 +3,9 @@
 ``scripts/run_reference.py`` is the command; this module does the work. The plan is the union of
 the notebooks' jobs (:func:`madeit_core.bookplan.notebook_jobs`) under the profile's parameters,
 so the reference holds exactly what the book reads. Runs go through
-:func:`~madeit_core.reproduce.run_grid` into ``<out>/<profile>/<group>/<method>/seed<s>.json``:
-finished runs are skipped, killed ones resume. A manifest (``<out>/<profile>/manifest.json``,
+:func:`~madeit_core.reproduce.run_grid` into ``<out>/<profile>/<group>/<method>/seed<s>.json``,
+the zoo's models first, then the runs cheapest methods first (:data:`COST_TIERS`), so a run stopped
+early leaves whole rows; finished runs are skipped, killed ones resume. A manifest (``<out>/<profile>/manifest.json``,
 written atomically after every run) records the library hash, commit, hardware, command and the
 wall time of every run; resuming under a different library is refused unless asked for, and the
 manifest then lists every library that contributed.
@@ -27,16 +28,34 @@ from madeit_core.io import read_json, write_json
 from madeit_core.nbparams import NOTEBOOKS
 from madeit_core.nbsupport import analysis_path, pairwise_for_benchmark, pairwise_name, runs_for_seeds
 from madeit_core.protocol import RunSpec, git_commit, hardware, resolve_device, results_path
-from madeit_core.reproduce import run_grid
+from madeit_core.reproduce import MethodRun, run_grid
 
 MANIFEST_FORMAT = "madeit-reference/1"
 #: notebooks whose figures need the tasks' own experts (pairwise scores), not protocol runs
 PAIRWISE_NOTEBOOKS = ("fig4_score_densities", "fig5_task_heatmaps")
 
 
+#: Rough cost order of the methods (cheapest first), so an interrupted reference run has finished
+#: the most rows: weight arithmetic, MADE-IT, test-time adaptation and training, ODE-M.
+COST_TIERS: dict[str, int] = {"pretrained": 0, "individual": 0, "swa": 0, "task_arithmetic": 0, "ties": 0,
+                              "opcm": 0, "made_it": 1, "adamerging": 2, "wemoe": 2, "continual_finetuning": 2,
+                              "mingle": 3, "odem": 4}
+
+
 def reference_jobs(params: Mapping[str, Any], notebooks: Sequence[str] | None = None) -> list[Job]:
     names = list(notebooks) if notebooks else list(NOTEBOOKS)
     return merge_jobs(j for n in names for j in notebook_jobs(n, params))
+
+
+def run_order(jobs: Sequence[Job]) -> list[tuple[Job, MethodRun, int]]:
+    """Every (job, run, protocol run index), cheapest methods first; within a cost tier by group
+    (in the jobs' order), then by order seed, then by the plan's order of runs."""
+    items = []
+    for gi, j in enumerate(jobs):
+        for ri, run in enumerate(j.runs):
+            for r in runs_for_seeds(j.seeds):
+                items.append(((COST_TIERS.get(run.method, 3), gi, r, ri), (j, run, r)))
+    return [it for _, it in sorted(items, key=lambda x: x[0])]
 
 
 def _utc() -> str:
@@ -89,33 +108,38 @@ def run_reference(params: Mapping[str, Any], out: str | os.PathLike[str], notebo
 
     def bench(group: str) -> tuple[Any, list[str]]:
         if group not in benches:
-            benches[group] = make_benchmark(params["benchmark"], group, profile=params["profile"], device=device)
+            if params["benchmark"] == "zoo":   # build (or check) every fine-tuned model before any run
+                from madeit_core import zoo
+
+                benches[group] = zoo.make_benchmark(group, profile=params["profile"], device=device, build=True,
+                                                    show_progress=show_progress)
+            else:
+                benches[group] = make_benchmark(params["benchmark"], group, profile=params["profile"], device=device)
         return benches[group]
 
     t_start = time.perf_counter()
+    for g in params["groups"]:                       # the zoo first: every group's models exist before any run
+        bench(g)
     bar = tqdm(total=total, desc=f"reference {params['profile']}", disable=not show_progress)
-    for j in jobs:
-        for run in j.runs:
-            for r in runs_for_seeds(j.seeds):
-                spec = RunSpec(method=run.method, group=j.group, run=r, profile=params["profile"],
-                               hparams=dict(run.hparams))
-                path = results_path(out, spec)
-                key = f"{j.group}/{path.parent.name}/{path.name}"
-                bar.set_postfix_str(key)
-                if path.is_file() and key in manifest["runs"]:
-                    bar.update(1)
-                    continue
-                existed = path.is_file()
-                b, tasks = bench(j.group)
-                t0 = time.perf_counter()
-                res = run_grid(b, j.group, tasks, [run], [r], out, params["profile"], device=device,
-                               eval_seen=j.eval_seen, show_progress=show_progress)[0]
-                manifest["runs"][key] = {"label": run.label, "wall_s": round(time.perf_counter() - t0, 3),
-                                         "ACC": res["ACC"], "BWT": res["BWT"], "library_hash": lib,
-                                         "existed_before": existed, "finished_utc": _utc()}
-                manifest["updated_utc"] = _utc()
-                write_json(folder / "manifest.json", manifest)
-                bar.update(1)
+    for j, run, r in run_order(jobs):
+        spec = RunSpec(method=run.method, group=j.group, run=r, profile=params["profile"], hparams=dict(run.hparams))
+        path = results_path(out, spec)
+        key = f"{j.group}/{path.parent.name}/{path.name}"
+        bar.set_postfix_str(key)
+        if path.is_file() and key in manifest["runs"]:
+            bar.update(1)
+            continue
+        existed = path.is_file()
+        b, tasks = bench(j.group)
+        t0 = time.perf_counter()
+        res = run_grid(b, j.group, tasks, [run], [r], out, params["profile"], device=device,
+                       eval_seen=j.eval_seen, show_progress=show_progress)[0]
+        manifest["runs"][key] = {"label": run.label, "wall_s": round(time.perf_counter() - t0, 3),
+                                 "ACC": res["ACC"], "BWT": res["BWT"], "library_hash": lib,
+                                 "existed_before": existed, "finished_utc": _utc()}
+        manifest["updated_utc"] = _utc()
+        write_json(folder / "manifest.json", manifest)
+        bar.update(1)
     bar.close()
     if analysis and (not notebooks or any(n in PAIRWISE_NOTEBOOKS for n in notebooks)):
         rho = MADE_IT_DEFAULTS["rank_ratio"]
@@ -138,4 +162,4 @@ def run_reference(params: Mapping[str, Any], out: str | os.PathLike[str], notebo
     return manifest
 
 
-__all__ = ["MANIFEST_FORMAT", "load_manifest", "reference_jobs", "run_reference"]
+__all__ = ["COST_TIERS", "MANIFEST_FORMAT", "load_manifest", "reference_jobs", "run_order", "run_reference"]

@@ -166,6 +166,10 @@ def test_metric_columns_and_markdown() -> None:
             {"method": "B", "group": "g1", "ACC": 40.0, "ACC_std": 0.0, "runs": 1}]
     cols = booktables.metric_columns(rows, "ACC", ["g1", "g2"], "ours · smoke · toy")
     assert cols[0].cells == {"A": "50.0±1.2", "B": "40.0±0.0 (n=1)"} and cols[1].cells == {}
+    ten = booktables.metric_columns(rows, "ACC", ["g1"], "reference", expected=10)
+    assert ten[0].cells == {"A": "50.0±1.2 (n=2)", "B": "40.0±0.0 (n=1)"}          # a partial grid says so
+    two = booktables.metric_columns(rows, "ACC", ["g1"], "ours", expected=2)
+    assert two[0].cells["A"] == "50.0±1.2"
     md = booktables.markdown_table(["A", "B", "C|D"], cols, "method")
     lines = md.splitlines()
     assert lines[0] == "| method | ours · smoke · toy · g1 | ours · smoke · toy · g2 |"
@@ -302,3 +306,15 @@ def test_build_results_keep_progress_bars_out_of_outputs(tmp_path: Path, capsys:
         print("bar 60%", file=sys.stderr)
     assert "bar 60%" in capsys.readouterr().err
     assert build.root.parent == tmp_path and build.root.name.startswith("lib-")
+
+
+def test_reference_runs_cheapest_methods_first() -> None:
+    from madeit_core.reference import COST_TIERS, run_order
+
+    p = {**parameter_set("smoke", "toy"), "seeds": [42, 43]}
+    order = run_order(reference_jobs(p))
+    tiers = [COST_TIERS.get(run.method, 3) for _, run, _ in order]
+    assert tiers == sorted(tiers) and tiers[0] == 0 and tiers[-1] == COST_TIERS["odem"]
+    assert len(order) == sum(len(j.runs) * len(j.seeds) for j in reference_jobs(p))
+    first = [(j.group, run.method, r) for j, run, r in order[:2]]
+    assert first == [("toy-4", "pretrained", 0), ("toy-4", "individual", 0)]
