@@ -751,12 +751,19 @@ class Bench:
         return {"shape": list(shape), "batch": n, "loop_s": loop, "batched_s": batched, "speedup": loop / batched}
 
     def _time(self, fn: Callable[[], Any], reps: int) -> float:
-        ts = []
+        """Best of ``reps`` calls: on a shared machine the least disturbed one."""
+        return self._time_interleaved({"f": fn}, reps)["f"]["best_s"]
+
+    def _time_interleaved(self, fns: dict[str, Callable[[], Any]], reps: int) -> dict[str, dict[str, Any]]:
+        """Time several functions in turns (a, b, c, a, b, c, …) so that a change of the machine's
+        load hits all of them alike; best, median and every time of each."""
+        ts: dict[str, list[float]] = {k: [] for k in fns}
         for _ in range(max(1, reps)):
-            t = _now(self.s.device)
-            fn()
-            ts.append(_now(self.s.device) - t)
-        return float(statistics.median(ts))
+            for k, fn in fns.items():
+                t = _now(self.s.device)
+                fn()
+                ts[k].append(_now(self.s.device) - t)
+        return {k: {"best_s": min(v), "median_s": float(statistics.median(v)), "all_s": v} for k, v in ts.items()}
 
     # ------------------------------------------------------------------ absorb suite
     @contextlib.contextmanager
@@ -791,6 +798,7 @@ class Bench:
         with self._checkpoints(bb, steps, factory) as paths:
             out["checkpoint_write_s"] = time.perf_counter() - t0
             work = paths[0].parent
+            runnable = []
             for mspec in self.s.methods:
                 name, hp = parse_method(mspec)
                 if name not in available_methods():
@@ -798,12 +806,9 @@ class Bench:
                                                         f"(registry: {', '.join(available_methods())})"}
                     self.log(f"  {mspec}: not registered, skipped")
                     continue
-                try:
-                    out["methods"][mspec] = self._absorb_method(bb, name, hp, paths, work, repeats)
-                except (MergeInputError, RuntimeError, TypeError, ValueError) as exc:
-                    out["methods"][mspec] = {"skipped": f"failed: {type(exc).__name__}: {exc}"}
-                    self.log(f"  {mspec}: failed: {exc}")
-                _free()
+                runnable.append((mspec, name, {"rank_ratio": self.s.rank_ratio, **hp} if name == "made_it" else hp))
+            out["methods"].update(self._absorb_interleaved(bb, runnable, paths, work, repeats))
+            _free()
         # bounds of the SVD work each method must do per model
         k_of = [(d_o, d_i, rank_for(d_o, d_i, self.s.rank_ratio)) for d_o, d_i in linear_shapes]
         fl_exact = sum(svd_flops_exact(a, b) for a, b, _ in k_of)
@@ -836,65 +841,94 @@ class Bench:
                 r["per_model"]["io_load_ratio_to_bound"] = io / out["bounds"]["checkpoint_load_bound_s"]
         return out
 
-    def _absorb_method(self, bb: Backbone, name: str, hp: dict[str, Any], paths: list[Path], work: Path,
-                       repeats: int) -> dict[str, Any]:
+    def _absorb_step(self, method: Any, name: str, task: str, path: Path, work: Path, rep: int, step: int
+                     ) -> dict[str, Any]:
         dev = self.s.device
-        sync = _sync(dev)
+        with recording(_sync(dev)) as rec, patch_linalg():
+            t0 = _now(dev)
+            with _region(rec, "io_load"):
+                sd = {k: v.to(dev) for k, v in load_tensors(path).items()}
+            ta = _now(dev)
+            method.absorb(task, sd)
+            tb = _now(dev)
+            with _region(rec, "io_state"):
+                tensors, meta = method.state()
+                save_tensors(work / f"state-{name}.safetensors", {k: v.detach().cpu().contiguous()
+                                                                 for k, v in tensors.items()})
+                write_json(work / f"state-{name}.json", meta)
+            total = _now(dev) - t0
+        del sd
+        br = dict(rec.totals)
+        br["other"] = max(0.0, total - sum(br.values()))
+        row = {"repeat": rep, "step": step, "total_s": total, "absorb_s": tb - ta, "breakdown_s": br,
+               "state_bytes": _nbytes(tensors.values())}
         if name == "made_it":
-            hp = {"rank_ratio": self.s.rank_ratio, **hp}
-        steps_rows: list[dict[str, Any]] = []
-        summary: dict[str, Any] = {}
+            bank: ExpertBank = method.bank
+            row["experts_total"] = bank.summary()["experts_total"]
+            row["bank_parameters"] = bank.num_parameters()
+        return row
+
+    def _absorb_interleaved(self, bb: Backbone, runnable: list[tuple[str, str, dict[str, Any]]], paths: list[Path],
+                            work: Path, repeats: int) -> dict[str, dict[str, Any]]:
+        """Absorb the same sequence with every method, the methods taking turns at every step (so a
+        change of the machine's load hits them alike); per-model medians over steps ≥ 2."""
+        dev = self.s.device
+        rows: dict[str, list[dict[str, Any]]] = {m: [] for m, _, _ in runnable}
+        failed: dict[str, str] = {}
+        summaries: dict[str, dict[str, Any]] = {}
         for rep in range(repeats):
-            method = get_method(name, **hp)
-            ctx = MergeContext(modules=list(bb.specs), num_tasks=len(paths), device=dev, seed=self.s.seed,
-                               show_progress=False)
-            method.setup(bb.model, ctx)
+            methods: dict[str, Any] = {}
+            for mspec, name, hp in runnable:
+                if mspec in failed:
+                    continue
+                try:
+                    method = get_method(name, **hp)
+                    method.setup(bb.model, MergeContext(modules=list(bb.specs), num_tasks=len(paths), device=dev,
+                                                        seed=self.s.seed, show_progress=False))
+                    methods[mspec] = method
+                except (MergeInputError, RuntimeError, TypeError, ValueError) as exc:
+                    failed[mspec] = f"failed: {type(exc).__name__}: {exc}"
             for t, path in enumerate(paths):
-                task = _task_name(t)
-                with recording(sync) as rec, patch_linalg():
-                    t0 = _now(dev)
-                    with _region(rec, "io_load"):
-                        sd = {k: v.to(dev) for k, v in load_tensors(path).items()}
-                    ta = _now(dev)
-                    method.absorb(task, sd)
-                    tb = _now(dev)
-                    with _region(rec, "io_state"):
-                        tensors, meta = method.state()
-                        save_tensors(work / f"state-{name}.safetensors", {k: v.detach().cpu().contiguous()
-                                                                         for k, v in tensors.items()})
-                        write_json(work / f"state-{name}.json", meta)
-                    total = _now(dev) - t0
-                del sd
-                br = dict(rec.totals)
-                br["other"] = max(0.0, total - sum(br.values()))
-                row = {"repeat": rep, "step": t + 1, "total_s": total, "absorb_s": tb - ta, "breakdown_s": br,
-                       "state_bytes": _nbytes(tensors.values())}
-                if name == "made_it":
-                    bank: ExpertBank = method.bank  # type: ignore[attr-defined]
-                    row["experts_total"] = bank.summary()["experts_total"]
-                    row["bank_parameters"] = bank.num_parameters()
-                steps_rows.append(row)
-                del tensors, meta
+                for mspec, name, _ in runnable:
+                    if mspec in failed or mspec not in methods:
+                        continue
+                    try:
+                        rows[mspec].append(self._absorb_step(methods[mspec], name, _task_name(t), path, work, rep,
+                                                             t + 1))
+                    except (MergeInputError, RuntimeError, TypeError, ValueError) as exc:
+                        failed[mspec] = f"failed: {type(exc).__name__}: {exc}"
+                        self.log(f"  {mspec}: failed: {exc}")
+                        del methods[mspec]
+                        _free()
             if rep == repeats - 1:
-                summary = _method_summary(method)
-            del method
+                summaries = {m: _method_summary(meth) for m, meth in methods.items()}
+            del methods
             _free()
-        later = [r for r in steps_rows if r["step"] >= 2] or steps_rows
-        cats = sorted({c for r in later for c in r["breakdown_s"]})
-        per_model = {"total_s": _median([r["total_s"] for r in later]),
-                     "absorb_s": _median([r["absorb_s"] for r in later]),
-                     "absorb_s_min": min(r["absorb_s"] for r in later),
-                     "absorb_s_max": max(r["absorb_s"] for r in later),
-                     "breakdown_s": {c: _median([r["breakdown_s"].get(c, 0.0) for r in later]) for c in cats},
-                     "state_bytes": later[-1]["state_bytes"],
-                     "over": f"steps ≥ 2 of {repeats} sequence(s) ({len(later)} values)"}
-        first = [r for r in steps_rows if r["step"] == 1]
-        return {"hparams": hp, "per_model": per_model,
-                "first_model_absorb_s": _median([r["absorb_s"] for r in first]), "steps": steps_rows,
-                "summary": summary,
-                "breakdown_source": ("named regions in experts.py/base.py" if name == "made_it" else
-                                     "torch.linalg svd/svdvals/qr/eigh calls (patched timer) and the base class's "
-                                     "validation region; the rest is 'other'")}
+        out: dict[str, dict[str, Any]] = {}
+        for mspec, name, hp in runnable:
+            if mspec in failed:
+                out[mspec] = {"skipped": failed[mspec]}
+                continue
+            steps_rows = rows[mspec]
+            later = [r for r in steps_rows if r["step"] >= 2] or steps_rows
+            cats = sorted({c for r in later for c in r["breakdown_s"]})
+            per_model = {"total_s": _median([r["total_s"] for r in later]),
+                         "absorb_s": _median([r["absorb_s"] for r in later]),
+                         "absorb_s_min": min(r["absorb_s"] for r in later),
+                         "absorb_s_max": max(r["absorb_s"] for r in later),
+                         "breakdown_s": {c: _median([r["breakdown_s"].get(c, 0.0) for r in later]) for c in cats},
+                         "state_bytes": later[-1]["state_bytes"],
+                         "over": f"steps ≥ 2 of {repeats} sequence(s) ({len(later)} values)"}
+            first = [r for r in steps_rows if r["step"] == 1]
+            out[mspec] = {"hparams": hp, "per_model": per_model,
+                          "first_model_absorb_s": _median([r["absorb_s"] for r in first]), "steps": steps_rows,
+                          "summary": summaries.get(mspec, {}),
+                          "timing": "the methods absorb each model in turns (one step of every method, then the "
+                                    "next model)",
+                          "breakdown_source": ("named regions in experts.py/base.py" if name == "made_it" else
+                                               "torch.linalg svd/svdvals/qr/eigh calls (patched timer) and the base "
+                                               "class's validation region; the rest is 'other'")}
+        return out
 
     # ------------------------------------------------------------------ routed suite
     def _synthetic_bank(self, bb: Backbone, tasks: int) -> dict[str, Any]:
@@ -960,22 +994,26 @@ class Bench:
             with torch.no_grad():
                 static(x)
                 routed(x)
-                t_static = self._time(lambda x=x: static(x), reps)
-                t_routed = self._time(lambda x=x: routed(x), reps)
+                per_path(x)
                 with recording(_sync(dev)) as rec:
                     t0 = _now(dev)
                     routed(x)
                     t_rec = _now(dev) - t0
                 groups = routed.path_counts[-1]
                 dense = routed.dense_modules[-1]
-                per_path(x)
-                t_path = self._time(lambda x=x: per_path(x), 1 if groups > 8 else reps)
                 paths, _ = routed.route(x)
                 one = [paths[0]] * B
-                t_one = self._time(lambda x=x, one=one: (routed.score(x), routed.forward_with_paths(x, one)), reps)
+                tm = self._time_interleaved({
+                    "static": lambda x=x: static(x), "routed": lambda x=x: routed(x),
+                    "per_path": lambda x=x: per_path(x),
+                    "one_path": lambda x=x, one=one: (routed.score(x), routed.forward_with_paths(x, one))}, reps)
+            t_static, t_routed = tm["static"]["best_s"], tm["routed"]["best_s"]
+            t_path, t_one = tm["per_path"]["best_s"], tm["one_path"]["best_s"]
             ratio = t_static / t_routed
             out["batches"][str(B)] = {
                 "batch": B, "repeats": reps,
+                "timing": "best of `repeats` calls, the four variants timed in turns; medians and every time "
+                          "under `times`", "times": tm,
                 "static": {"latency_s": t_static, "throughput_per_s": B / t_static, "forward_flops": flops,
                            "bound_s": flops / peak, "ratio_to_bound": t_static / (flops / peak)},
                 "routed": {"latency_s": t_routed, "throughput_per_s": B / t_routed, "path_groups": groups,

@@ -48,6 +48,9 @@ def test_quick_writes_every_section_with_bounds(quick: tuple[Path, dict[str, Any
         assert r["bound"] == 0.5 and math.isclose(r["ratio_to_bound"], r["throughput_ratio"] / 0.5)
         assert r["static"]["forward_flops"] > 0 and r["static"]["ratio_to_bound"] > 0
         assert {"pretrained_pass", "routing", "routed_pass"} <= set(r["routed"]["breakdown_s"])
+        assert set(r["times"]) == {"static", "routed", "per_path", "one_path"}
+        assert r["routed"]["latency_s"] == min(r["times"]["routed"]["all_s"])
+        assert len(r["times"]["static"]["all_s"]) == 5
         for case in sec["svd"][shape]["cases"]:
             assert 0.0 <= case["randomized"][0]["affinity"] <= 1.0 + 1e-6 and case["exact_bound_s"] > 0
     mem = sec["memory"]["tiny-vit"]
