@@ -180,6 +180,22 @@ def _cmd_data_pack(a: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_data_ceiling(a: argparse.Namespace) -> int:
+    from madeit_core.data.reading_ceiling import profile_reading_ceilings
+    from madeit_core.io import write_json
+
+    rows = profile_reading_ceilings(a.profile, a.tasks, a.data)
+    print(f"bag-of-words accuracy on the text the rendered images show (profile {a.profile}):")
+    print(f"{'task':18s} {'chance':>7s} {'visible':>8s} {'full':>7s} {'all rows':>9s}  chars shown/full")
+    for r in rows:
+        print(f"{r['task']:18s} {r['chance']:7.3f} {r['visible']:8.3f} {r['full_text']:7.3f} "
+              f"{r['visible_all_rows']:9.3f}  {r['chars_shown_mean']:.0f}/{r['chars_full_mean']:.0f}")
+    if a.out:
+        write_json(a.out, {"profile": a.profile, "tasks": rows})
+        print(f"wrote {a.out}")
+    return 0
+
+
 def _cmd_data_fetch(a: argparse.Namespace) -> int:
     from madeit_core.data.fetch import fetch
 
@@ -278,6 +294,12 @@ def build_parser() -> argparse.ArgumentParser:
     dp.add_argument("--data", help="mirror folder (default $MADEIT_DATA, else ../shared/data)")
     dp.add_argument("--groups", nargs="+", help="task groups to include (default: the profile's)")
     dp.set_defaults(func=_cmd_data_pack)
+    dl = dsub.add_parser("ceiling", help="what a perfect word reader learns from the rendered-text rows")
+    dl.add_argument("--profile", default="offline")
+    dl.add_argument("--tasks", nargs="+", help="rendered-text tasks (default: all)")
+    dl.add_argument("--data", help="mirror folder (default $MADEIT_DATA or ../shared/data)")
+    dl.add_argument("--out", help="write the numbers as JSON here")
+    dl.set_defaults(func=_cmd_data_ceiling)
     df = dsub.add_parser("fetch", help="fill a mirror folder from torchvision / Hugging Face (needs internet)")
     df.add_argument("--out", required=True, help="mirror folder to fill")
     df.add_argument("--tasks", nargs="+", help="only these tasks (default: all)")

@@ -110,3 +110,27 @@ def test_check_book_skips_the_redirect_stub(tmp_path: Path) -> None:
     (tmp_path / "_static").mkdir()
     (tmp_path / "_static" / "x.html").write_text("<html></html>")
     assert [p.relative_to(tmp_path).as_posix() for p in cb.pages_of(tmp_path)] == ["book/intro.html"]
+
+
+def test_generated_zoo_include_is_current() -> None:
+    gen = _script("book_generated")
+    committed = (ROOT / "book" / "_generated" / "zoo.md").read_text(encoding="utf-8")
+    assert committed == gen.zoo_include(), "run python scripts/book_generated.py"
+    assert "{include} _generated/zoo.md" in (ROOT / "book" / "benchmark.md").read_text(encoding="utf-8")
+
+
+def test_zoo_tables_flag_gains_inside_the_noise() -> None:
+    from madeit_core.zoo_tables import gain_noise, zoo_table
+
+    def row(task: str, probe: float, ft: float) -> dict:
+        return {"task": task, "classes": 2, "n_probe_rows": 3, "n_finetune_rows": 7, "n_test": 250,
+                "probe": probe, "finetuned": ft, "wall_s": 1.0}
+
+    rep = {"tasks": [row("clear", 0.60, 0.80), row("noise", 0.51, 0.49)],
+           "average": {"probe": 0.555, "finetuned": 0.645, "gain": 0.09}, "wall_s_total": 2.0}
+    table = zoo_table(rep)
+    lines = {ln.split("|")[1].strip(): ln for ln in table.splitlines()[2:]}
+    assert "(in noise)" not in lines["clear"] and "+20.0" in lines["clear"]
+    assert "-2.0 (in noise)" in lines["noise"]
+    assert "**+9.00**" in lines["**average**"]
+    assert abs(gain_noise(0.5, 0.5, 250) - 1.96 * (0.5 / 250) ** 0.5) < 1e-12

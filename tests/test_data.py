@@ -11,7 +11,8 @@ import pytest
 
 from madeit_core.data.digits import DIGIT_VARIANTS, digits_base, digits_task, transform_images
 from madeit_core.data.mirror import Mirror, MirrorError
-from madeit_core.data.render import render_cached, render_text, render_texts
+from madeit_core.data.reading_ceiling import reading_ceiling
+from madeit_core.data.render import render_cached, render_text, render_texts, visible_text
 from madeit_core.data.suites import (
     GROUPS,
     OFFLINE_8,
@@ -23,6 +24,7 @@ from madeit_core.data.suites import (
     resolve_group,
     select_rows,
 )
+from madeit_core.errors import MergeInputError
 
 SHARED = Path(os.environ.get("MADEIT_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 needs_mirror = pytest.mark.skipif(not (SHARED / "mnist" / "meta.json").is_file(), reason="no data mirror beside")
@@ -156,6 +158,38 @@ def test_render_cache_round_trip(tmp_path):
     assert np.array_equal(first, render_texts(texts, 32))
     files[0].write_bytes(b"garbage")                              # damaged cache: re-rendered
     assert np.array_equal(render_cached(texts, 32, tmp_path, name="t"), first)
+
+
+def test_visible_text_is_what_the_image_shows():
+    long = "a film that begins well and then loses its way in a swamp of cliches and noise " * 3
+    shown = visible_text(long, 64)
+    assert 0 < len(shown) < len(long) and long.startswith(shown[:20])
+    assert np.array_equal(render_text(shown, 64), render_text(long, 64))   # the rest is not drawn
+    assert visible_text("short one", 64) == "short one"
+
+
+def test_reading_ceiling_sees_only_the_visible_words(tmp_path):
+    filler = "and then the story goes on for a long while with many words about nothing"
+    rng = np.random.default_rng(0)
+    words = {0: ["awful", "dull", "boring"], 1: ["great", "superb", "lovely"]}
+    front, back = [], []
+    for i in range(160):
+        y = int(i % 2)
+        w = words[y][int(rng.integers(3))]
+        front.append(f"{y}\t{w} {filler}")
+        back.append(f"{y}\t{filler} {filler} {w}")
+    for name, lines in (("front", front), ("back", back)):
+        _fake_text_task(tmp_path / name, "sst2", lines)
+    kw = {"train_cap": 160, "test_cap": 80, "test_pool_cap": 160, "render_size": 32, "probe_fraction": 0.3}
+    seen = reading_ceiling("rendered_sst2", mirror=tmp_path / "front", **kw)
+    hidden = reading_ceiling("rendered_sst2", mirror=tmp_path / "back", **kw)
+    assert seen["visible"] == 1.0 and seen["full_text"] == 1.0          # the label word is drawn
+    assert hidden["full_text"] == 1.0 and hidden["visible"] <= 0.6      # cut off: a reader is at chance
+    assert hidden["chars_shown_mean"] < hidden["chars_full_mean"]
+    assert seen["rows"] == {"finetune": 112, "test": 80, "mirror_train": 160, "all_rows": 160}
+    assert reading_ceiling("rendered_sst2", mirror=tmp_path / "back", **kw) == hidden   # deterministic
+    with pytest.raises(MergeInputError, match="not a rendered-text task"):
+        reading_ceiling("mnist", mirror=tmp_path / "back", **kw)
 
 
 # ---------------------------------------------------------------------- digits suite and caps

@@ -95,6 +95,21 @@ def wrap(text: str, font, width: float) -> list[str]:  # type: ignore[no-untyped
     return lines
 
 
+def visible_lines(text: str, size: int, font_frac: float = FONT_FRAC, min_font_px: int = MIN_FONT_PX) -> list[str]:
+    """The lines of ``text`` that :func:`render_text` draws at ``size`` (the rest is truncated)."""
+    font = _font(font_px_for(size, font_frac, min_font_px))
+    margin = max(1, size // 32)
+    ascent, descent = font.getmetrics()
+    max_lines = max(1, (size - 2 * margin) // (ascent + descent))
+    return wrap(text, font, size - 2 * margin)[:max_lines]
+
+
+def visible_text(text: str, size: int, font_frac: float = FONT_FRAC, min_font_px: int = MIN_FONT_PX) -> str:
+    """The part of ``text`` a rendered image shows, lines joined by spaces (words broken across
+    lines stay broken, as on the image)."""
+    return " ".join(visible_lines(text, size, font_frac, min_font_px))
+
+
 def render_text(text: str, size: int, font_frac: float = FONT_FRAC, min_font_px: int = MIN_FONT_PX) -> np.ndarray:
     """One text as a ``[size, size]`` uint8 image (black on white; see the module docstring)."""
     from PIL import Image, ImageDraw
@@ -103,8 +118,7 @@ def render_text(text: str, size: int, font_frac: float = FONT_FRAC, min_font_px:
     margin = max(1, size // 32)
     ascent, descent = font.getmetrics()
     pitch = ascent + descent
-    max_lines = max(1, (size - 2 * margin) // pitch)
-    lines = wrap(text, font, size - 2 * margin)[:max_lines]
+    lines = visible_lines(text, size, font_frac, min_font_px)
     img = Image.new("L", (size, size), 255)
     draw = ImageDraw.Draw(img)
     for i, line in enumerate(lines):
