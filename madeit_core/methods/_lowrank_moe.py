@@ -12,6 +12,14 @@
   gate computed at fc1) can never read a stale one.
 - :func:`cycle_batches`: the seed-subset loader of baselines.md §0.4 (shuffled each pass with a
   seeded generator, last batch kept, cycled forever).
+- :func:`gate_stats`: per-expert gate statistics on a batch (recorded after every TTA).
+
+Convolutions: a 1×1 conv is a linear map on the channel vector of every spatial position, so its
+tokens are the H×W positions, the router reads the per-image channel mean x̄ = mean_{H,W} x, and
+the expert runs as two 1×1 convs (A with the base conv's stride, padding and dilation, then B),
+which equals the conv with weight W0 + Σ_e ḡ_e B_e A_e and the base bias
+(``tests/test_moe_convnet.py``: zero delta gives the conv exactly; gate 1 gives θ0 + the rank-r
+update, the fine-tuned net at full rank, BatchNorm and stride included).
 
 Nothing here is specific to CLIP: which modules get wrapped comes from the caller's
 :class:`~madeit_core.modules.ModuleSpec` list.
@@ -340,6 +348,27 @@ def record_data(data_used: dict[str, Any], *, step: int, task: str, split: str, 
     totals = data_used.setdefault("images_per_task", {})
     key = f"{task}:{split}"
     totals[key] = max(int(totals.get(key, 0)), int(count))
+
+
+@torch.no_grad()
+def gate_stats(gated: GatedModel, x: torch.Tensor, batch_size: int = 128) -> dict[str, list[float]]:
+    """Per expert, the mean, min and max of the gates that forwards of ``x`` (in task-pure batches
+    of ``batch_size``, as evaluation runs) give, over routing units, batches and (without batch
+    reduction) images.
+
+    Recorded after every TTA so a results file shows how far the unbounded gates went from their
+    start (on EfficientNet-Lite0 WEMoE's reach 3-7 within three tasks: see
+    :mod:`madeit_core.methods.wemoe`)."""
+    rows: list[torch.Tensor] = []
+    for i in range(0, int(x.shape[0]), batch_size):
+        gated(x[i:i + batch_size])
+        rows += [r.last_gate.reshape(-1, r.last_gate.shape[-1]) for r in gated.routers.values()
+                 if r.last_gate is not None and r.last_gate.numel() > 0]
+    if not rows:
+        return {"mean": [], "min": [], "max": []}
+    g = torch.cat(rows).float()
+    return {"mean": [round(float(v), 4) for v in g.mean(0)], "min": [round(float(v), 4) for v in g.min(0).values],
+            "max": [round(float(v), 4) for v in g.max(0).values]}
 
 
 def stateful_generator(seed: int) -> torch.Generator:

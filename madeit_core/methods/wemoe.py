@@ -25,7 +25,41 @@ covers parameters that are not Linear modules but whose name says attention (ope
 ``attn.in_proj_weight``/``in_proj_bias``; norms excluded) unless ``ta_extra_params=False``. When no module is in
 ``expert_groups`` (e.g. a convnet), every module outside ``ta_groups`` gets experts, each with
 its own router (recorded in the summary). The TTA runs with the encoder in eval mode (CLIP has
-no dropout, so this equals the reference).
+no dropout, so this equals the reference). The summary's ``gates_after_tta`` records, per task,
+the gates its seed subset gets right after its TTA.
+
+**On the offline convnet (EfficientNet-Lite0, 64 px) the method collapses, and that is the
+method, not the port** (evidence from the offline zoo, offline-8 order of seed 42, where the
+reference recipe scores ACC 17 % with a_ii near chance from task 2 on):
+
+- The conv path is exact: with the gates forced to 1 the MoE model scores what θ0 + the rank-r
+  update of every 1×1 conv scores (cifar10 0.684 / 0.696 at rank 16 / 64, the fine-tuned model
+  0.70; updating the 1×1 convs alone already gives 0.696), and ``tests/test_moe_convnet.py``
+  checks exactness on a small BatchNorm convnet.
+- With the routers fixed (``use_tta=False``, ``router_init_std=0``: every gate 0.3) the run is
+  plain task arithmetic at 0.3 on the 1×1 convs: ACC 58.2 (continual task arithmetic: 57.9).
+  The random router rows alone (``use_tta=False``) give 51.5: N(0, 0.01²) rows times channel means
+  of norm ‖x̄‖₂ ≈ 12-60 put noise of ±0.1-0.6 on each gate.
+- The entropy TTA is what breaks it. The router reads raw channel means, mostly non-negative
+  (post-ReLU6 inputs of the project convs) with ‖x̄‖₁ ≈ 75-900; Adam moves every weight by ≈ lr per
+  step in the sign of its gradient, so a gate moves by up to lr · ‖x̄‖₁ per step, 0.4-4.4 over the
+  50 steps. Entropy falls as the deltas are scaled up (sharper logits), so the gates grow: after
+  task 1 the cifar10 gate is 1.1 on average over the 32 modules and up to 3.7; after task 3 up
+  to 7, and after task 7 up to 19 (the summary's ``gates_after_tta`` of that run). All rows
+  train on the new task's images, and the channel means of different tasks point in much the
+  same direction (cosine ≥ 0.7 between task means at the project convs), so the old experts'
+  gates grow on every task, not only on their own.
+- A BatchNorm convnet in eval mode does not tolerate scaled-up deltas: θ0 + g · (rank-64 update)
+  scores, for g = 0.3 / 1 / 2 / 3 / 5, cifar10 0.66 / 0.70 / 0.68 / 0.55 / 0.31 and mnist
+  0.86 / 0.89 / 0.14 / 0.11 / 0.10. With gates of 3-7 on old experts the features collapse and
+  the model predicts nearly one class (the TTA entropy of task 4 starts at 1e-39).
+- At lr 1e-5 the gates stay within ≈ 3 and the first three a_ii are 0.65 / 0.54 / 0.67 (no TTA:
+  0.64 / 0.59 / 0.70), so the TTA brings nothing on this backbone even when it does not diverge.
+
+In the reference's CLIP the router reads LayerNorm outputs and scaled MLP deltas pass through
+later LayerNorms, which plausibly keeps it from collapsing; a BatchNorm convnet in eval mode has
+no such renormalisation. Nothing here is changed to rescue
+the method: the offline numbers are what the reference recipe does on this backbone.
 """
 
 from __future__ import annotations
@@ -45,6 +79,7 @@ from madeit_core.methods._lowrank_moe import (
     Router,
     bypassed_by_parent,
     entropy_loss,
+    gate_stats,
     lowrank_factors,
     record_data,
     run_tta,
@@ -139,6 +174,8 @@ class ContinualWEMoE(ContinualMethod):
         self.gated = GatedModel(encoder, self.routers).eval()
         self.gated.requires_grad_(False)
         self.tta_losses = {}
+        #: per task, :func:`gate_stats` of the gates on its seed subset right after its TTA
+        self.gates_after_tta: dict[str, dict[str, list[float]]] = {}
 
     def _set_ta(self) -> None:
         """Write θ0 + Σ λ τ into the task-arithmetic modules of the encoder."""
@@ -205,6 +242,7 @@ class ContinualWEMoE(ContinualMethod):
             params, lambda xb: entropy_loss(head(self.gated(xb))), x, steps=self.max_steps,
             batch_size=self.batch_size, lr=self.lr, generator=gen, desc=f"wemoe TTA {task}",
             show_progress=self.ctx.show_progress)
+        self.gates_after_tta[task] = gate_stats(self.gated, x)
 
     # ------------------------------------------------------------------ model
     def merged_model(self) -> nn.Module:
@@ -219,7 +257,8 @@ class ContinualWEMoE(ContinualMethod):
                 "units": [[s.name for s in u] for u in self.units], "fallback_all_non_ta_modules": self.fallback,
                 "skipped_not_called_by_parent": self.skipped,
                 "ta_modules": [s.name for s in self.ta_specs], "ta_keys": list(self.ta_keys),
-                "tta_loss_first_last": {t: [v[0], v[-1]] for t, v in self.tta_losses.items() if v}}
+                "tta_loss_first_last": {t: [v[0], v[-1]] for t, v in self.tta_losses.items() if v},
+                "gates_after_tta": self.gates_after_tta}
 
     # ------------------------------------------------------------------ state
     def _state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -234,7 +273,7 @@ class ContinualWEMoE(ContinualMethod):
             tensors[f"router_w.{uid}"] = w.cpu()
             tensors[f"router_b.{uid}"] = b.cpu()
         meta = {"ranks": {n: list(w.ranks) for n, w in self.wrappers.items()},
-                "tta_losses": self.tta_losses, "summary": self.summary()}
+                "tta_losses": self.tta_losses, "gates_after_tta": self.gates_after_tta, "summary": self.summary()}
         return tensors, meta
 
     def _restore(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
@@ -246,6 +285,7 @@ class ContinualWEMoE(ContinualMethod):
         self.ta_sum = {k[len("ta."):]: v.clone() for k, v in tensors.items() if k.startswith("ta.")}
         self._set_ta()
         self.tta_losses = {k: list(v) for k, v in meta.get("tta_losses", {}).items()}
+        self.gates_after_tta = dict(meta.get("gates_after_tta", {}))
 
 
 def restore_experts(wrappers: dict[str, LowRankMoE], tensors: dict[str, torch.Tensor],
