@@ -164,7 +164,7 @@ def _top_k_subspace(m: torch.Tensor, k: int, oversample: int | None, steps: int,
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``top_k_svd(m, k, "subspace")``: subspace iteration on G = AᵀA (A = m or mᵀ, tall).
 
-    Start: X = orth(Ω), Ω an n × q Gaussian (seeded; shared by a whole stack). Step j:
+    Start: X = Ω, an n × q Gaussian (seeded; shared by a whole stack). Step j:
     Z = G X; X ← orth(Z − μ_j X) (one Householder QR). μ_0 = 0 (a power step); from step 1 on,
     μ_j = min(c · θ_q, ½ θ_k) over the Ritz values θ_1 ≥ … ≥ θ_q of G on span(X) (eigenvalues
     of XᵀZ), c = :data:`SUBSPACE_SHIFT_BOTTOM`. The shift damps the unwanted part of the spectrum
@@ -187,7 +187,7 @@ def _top_k_subspace(m: torch.Tensor, k: int, oversample: int | None, steps: int,
         return G @ x if G is not None else a.mT @ (a @ x)
 
     gen = torch.Generator(device=m.device).manual_seed(seed)
-    X = torch.linalg.qr(torch.randn(n, q, generator=gen, device=m.device, dtype=m.dtype))[0]
+    X = torch.randn(n, q, generator=gen, device=m.device, dtype=m.dtype)   # step 0 needs no orthonormal X
     for step in range(steps):
         Z = apply_gram(X)
         if step > 0:
@@ -195,6 +195,8 @@ def _top_k_subspace(m: torch.Tensor, k: int, oversample: int | None, steps: int,
             mu = torch.minimum(SUBSPACE_SHIFT_BOTTOM * theta[..., 0], 0.5 * theta[..., q - k]).clamp_min(0)
             Z = Z - mu[..., None, None] * X
         X = torch.linalg.qr(Z)[0]
+    if steps < 1:
+        X = torch.linalg.qr(X)[0]
     if G is not None:
         theta, W = torch.linalg.eigh(_sym(X.mT @ (G @ X)))
         W, theta = W[..., -k:].flip(-1), theta[..., -k:].flip(-1)
@@ -399,6 +401,12 @@ def polar_factor(X: torch.Tensor) -> torch.Tensor:
     return W @ Zh
 
 
+def _polar_columns(X: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """``polar_factor(X)[:, cols]`` without forming the other columns: W (Zᵀ)[:, cols]."""
+    W, _, Zh = torch.linalg.svd(X, full_matrices=False)
+    return W @ Zh[:, cols]
+
+
 def _lowrank_best(U_cat: torch.Tensor, s_cat: torch.Tensor, V_cat: torch.Tensor, k: int
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Best rank-k approximation of U_cat diag(s_cat) V_catᵀ through QR factors and a small SVD.
@@ -440,9 +448,8 @@ def merge_experts(e_ref: Expert, e_new: Expert, rank: int | None = None, rule: M
         if U_cat.shape[1] > min(U_cat.shape[0], V_cat.shape[0]):
             U, s, V = _lowrank_best(polar_factor(U_cat), s_cat, polar_factor(V_cat), k)
             return Expert(U, s, V, tasks)
-        Up, Vp = polar_factor(U_cat), polar_factor(V_cat)
         order = torch.argsort(s_cat, descending=True, stable=True)[:k]
-        return Expert(Up[:, order].contiguous(), s_cat[order].contiguous(), Vp[:, order].contiguous(), tasks)
+        return Expert(_polar_columns(U_cat, order), s_cat[order].contiguous(), _polar_columns(V_cat, order), tasks)
     if rule == "sum":
         s_cat = torch.cat([e_ref.s, e_new.s])
     elif rule == "mean":
