@@ -61,7 +61,7 @@ class EvolutionConfig:
       (θ0 + ``others_scale`` · Σ τ).
     - ``svd``: the top-k SVD of Eq. 5 (:func:`~madeit_core.geometry.top_k_svd`): ``subspace``
       (default: shifted subspace iteration with a Rayleigh–Ritz finish, affinity ≥ 0.997 to the
-      exact top-k on every module of real fine-tuned checkpoints and 5–10× faster than the
+      exact top-k on every module of real fine-tuned checkpoints and about 6× faster than the
       full SVD on ViT-B/32 shapes), ``exact`` (the full thin SVD: the paper's Eq. 5 to the
       letter), ``gram`` (the exact top-k through the Gram matrix) or ``randomized`` (Halko et
       al.'s range finder). ``results/perf/README.md`` compares them.
