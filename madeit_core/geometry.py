@@ -191,7 +191,7 @@ def _top_k_subspace(m: torch.Tensor, k: int, oversample: int | None, steps: int,
     a = m.mT if wide else m                                   # tall: rows ≥ n
     rows, n = a.shape[-2], a.shape[-1]
     q = subspace_columns(k, oversample)
-    if 2 * q > n:
+    if k < 1 or 2 * q > n:
         return _top_k_exact(m, k)
     G = _gram(a) if subspace_forms_gram(rows, n, k, q, steps) else None
 
