@@ -16,8 +16,9 @@ Suites (each writes one section of the results JSON; every figure comes with its
   experts (counted from its construction rule) and T full models; banks are read from results
   artifacts (``--banks DIR``) or come from a synthetic run (the section says which).
 - ``scaling``: absorb time and bank size as T grows 1..20 (one synthetic MADE-IT run).
-- ``svd``: randomized vs exact top-k SVD: time, FLOP bounds and subspace affinity of the
-  randomized top-k to the exact one on a grid of task-vector-like spectra.
+- ``svd``: MADE-IT's default top-k (``subspace``), the Gram route and the randomized range
+  finder against the exact top-k SVD: time, FLOP bounds and subspace affinity to the exact
+  top-k on a grid of task-vector-like spectra and, with ``--finetuned``, on real task vectors.
 
 Targets (issue 4) are written as pass/fail fields under ``targets``, never as timed tests.
 
@@ -54,7 +55,14 @@ import madeit_core
 from madeit_core.bench_report import FORMAT
 from madeit_core.errors import MergeInputError
 from madeit_core.experts import EvolutionConfig, ExpertBank
-from madeit_core.geometry import rank_for, subspace_affinity, top_k_svd
+from madeit_core.geometry import (
+    SUBSPACE_STEPS,
+    rank_for,
+    subspace_affinity,
+    subspace_columns,
+    subspace_forms_gram,
+    top_k_svd,
+)
 from madeit_core.io import load_tensors, read_json, save_tensors, write_json
 from madeit_core.methods import available_methods, get_method
 from madeit_core.methods.base import MergeContext
@@ -66,26 +74,40 @@ from madeit_core.timing import patch_linalg, recording
 SUITES = ("svd", "absorb", "routed", "memory", "scaling")
 FULL_SHAPES = ("vit-b32", "vit-l14", "efficientnet")
 QUICK_SHAPES = ("tiny-vit", "tiny-cnn")
-DEFAULT_METHODS = ("made_it", "made_it:svd=gram", "made_it:svd=randomized", "opcm", "task_arithmetic",
-                   "mingle:use_tta=false")
-#: MADE-IT variants compared with OPCM in the targets: (label, method spec)
-MADE_IT_VARIANTS = (("made_it", "made_it"), ("made_it_gram", "made_it:svd=gram"),
-                    ("made_it_randomized", "made_it:svd=randomized"))
+DEFAULT_METHODS = ("made_it", "made_it:svd=exact", "made_it:svd=gram", "made_it:svd=randomized", "opcm",
+                   "task_arithmetic", "mingle:use_tta=false")
+#: MADE-IT variants compared with OPCM in the targets: (label, method spec); ``made_it`` is the
+#: library default (svd="subspace"), the others its ablations of the top-k SVD
+MADE_IT_VARIANTS = (("made_it", "made_it"), ("made_it_exact", "made_it:svd=exact"),
+                    ("made_it_gram", "made_it:svd=gram"), ("made_it_randomized", "made_it:svd=randomized"))
 #: (oversample, n_iter) of the randomized SVD settings compared in the svd suite; the first is the
 #: library's default (oversample None = max(10, k)), the second its former default.
 RANDOMIZED_SETTINGS: tuple[tuple[int | None, int], ...] = ((None, 4), (10, 4), (10, 8))
+#: (oversample, steps) of the ``subspace`` settings of the svd suite; the first is the library's
+#: default (MADE-IT's top-k), the second one step fewer (how much margin the default keeps)
+SUBSPACE_SETTINGS: tuple[tuple[int | None, int], ...] = ((None, SUBSPACE_STEPS), (None, SUBSPACE_STEPS - 1))
 SPECTRA = tuple((a, n) for a in (0.5, 1.0, 1.5) for n in (0.05, 0.2, 0.5))
 REFERENCE_SPECTRUM = (1.0, 0.2)
 GPU_COMMAND = ("PYTHONPATH=. python -m madeit_core.cli bench --device cuda --shapes vit-b32,vit-l14,efficientnet "
                "--out results/perf/gpu-h100.json [--finetuned <EfficientNet-Lite0 checkpoints>]")
 SKIP_REASON = ("not run on this device: too slow on a shared 2-core CPU (set absorb_shapes / routed_shapes, or "
                "run on a GPU, to include it)")
-#: top-k SVD of the synthetic MADE-IT runs behind the routed, memory and scaling suites (the exact
-#: top-k, faster than a full SVD; the absorb suite compares it with the default full SVD)
-SYNTHETIC_SVD = "gram"
-SHARED_MACHINE_NOTE = ("measured on a CPU machine shared with other jobs (2 cores, other processes running): "
-                       "absolute times are noisy and pessimistic; ratios measured in the same run are the "
-                       "figures to read")
+#: top-k SVD of the synthetic MADE-IT runs behind the routed, memory and scaling suites: the
+#: library default (the absorb suite compares it with the exact, gram and randomized ones)
+SYNTHETIC_SVD = EvolutionConfig().svd
+SHARED_MACHINE_NOTE = ("measured on a CPU machine shared with other jobs (other processes were running: "
+                       "1-minute load average {load:.2f} on {cores} cores at the start): absolute times are noisy "
+                       "and pessimistic; ratios measured in the same run are the figures to read")
+QUIET_MACHINE_NOTE = ("1-minute load average {load:.2f} on {cores} cores at the start (a quiet machine); every unit "
+                      "records the load average at its start and end under load_average")
+
+
+def _machine_note(load: list[float] | None, cores: int | None) -> str:
+    """The manifest's note on how loaded the CPU was when the run started (≥ 0.5: shared)."""
+    if not load:
+        return "load average unknown (os.getloadavg unavailable)"
+    template = SHARED_MACHINE_NOTE if load[0] >= 0.5 else QUIET_MACHINE_NOTE
+    return template.format(load=load[0], cores=cores if cores else "?")
 
 
 # ============================================================================ settings
@@ -230,6 +252,13 @@ def _nbytes(tensors: Any) -> int:
     return int(sum(t.numel() * t.element_size() for t in tensors))
 
 
+def _load_average() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
 def _peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
@@ -287,6 +316,25 @@ def svd_flops_randomized(m: int, n: int, k: int, oversample: int | None = None, 
     products = (2 * n_iter + 2) * 2.0 * m * n * q
     qr = lambda a: 4.0 * a * q * q - 4.0 * q ** 3 / 3  # noqa: E731
     return products + (n_iter + 1) * qr(m) + n_iter * qr(n) + svd_flops_exact(n, q) + 2.0 * m * q * q
+
+
+def svd_flops_subspace(m: int, n: int, k: int, oversample: int | None = None, steps: int = SUBSPACE_STEPS
+                       ) -> float:
+    """FLOPs of :func:`~madeit_core.geometry.top_k_svd` (subspace), m ≥ n after transposing, q =
+    :func:`~madeit_core.geometry.subspace_columns`: the Gram (counted as a full 2mn² GEMM) and
+    (steps + 1) products G·X (2n²q), or steps products AᵀA·X (4mnq) and the final A·X (2mnq),
+    as the routine chooses; per step a Householder QR with explicit Q of the n×q block and the
+    q×q Ritz matrix XᵀZ (2nq²); the final Ritz matrix and the rotations to U and V."""
+    m, n = max(m, n), min(m, n)
+    q = subspace_columns(k, oversample)
+    if 2 * q > n:
+        return svd_flops_exact(m, n)
+    if subspace_forms_gram(m, n, k, q, steps):
+        products = 2.0 * m * n * n + (steps + 1) * 2.0 * n * n * q + 2.0 * m * n * k + 2.0 * n * q * k
+    else:
+        products = steps * 4.0 * m * n * q + 2.0 * m * n * q + 2.0 * m * q * q + 2.0 * (m + n) * q * k
+    qr = 4.0 * n * q * q - 4.0 * q ** 3 / 3
+    return products + steps * qr + steps * 2.0 * n * q * q + 9.0 * q ** 3
 
 
 def svd_flops_gram(m: int, n: int, k: int) -> float:
@@ -471,6 +519,10 @@ def _setting_key(oversample: int | None, n_iter: int) -> str:
     return f"randomized(oversample={'max(10,k)' if oversample is None else oversample},n_iter={n_iter})"
 
 
+def _subspace_key(oversample: int | None, steps: int) -> str:
+    return f"subspace(oversample={'max(10,ceil(k/2))' if oversample is None else oversample},steps={steps})"
+
+
 def _task_name(t: int) -> str:
     return f"task{t:02d}"
 
@@ -545,7 +597,7 @@ class Bench:
                 "device": self.s.device, "settings": asdict(self.s), "method_registry": available_methods(),
                 "started_utc": old.get("started_utc") or time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 "resumed": prior is not None, "wall_s_previous": old.get("wall_s_total", 0.0),
-                "note": SHARED_MACHINE_NOTE if not gpu else None,
+                "note": None if gpu else _machine_note(hw.get("load_average_at_start"), hw.get("cpu_count")),
                 "gpu_measured": gpu,
                 "gpu_note": None if gpu else (
                     "GPU numbers are NOT measured in this file (a CPU run; no GPU was available). GPU run: "
@@ -582,7 +634,10 @@ class Bench:
             torch.set_num_threads(threads)
 
     def _run(self) -> dict[str, Any]:
-        self.results["manifest"]["hardware"]["torch_threads"] = torch.get_num_threads()
+        hw = self.results["manifest"]["hardware"]
+        hw["torch_threads"] = torch.get_num_threads()
+        hw["threads_requested"] = self.s.threads
+        hw["thread_env"] = {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OMP_WAIT_POLICY")}
         self._save()
         b = self.results["bounds"]
         if not b.get("peak_flops"):
@@ -602,8 +657,14 @@ class Bench:
                     continue
                 self.log(f"{suite}/{unit}: running")
                 t0 = time.perf_counter()
+                load_start = _load_average()
                 value = getattr(self, f"_suite_{suite}")(unit)
                 value["wall_s"] = time.perf_counter() - t0
+                value["load_average"] = {"start": load_start, "end": _load_average(),
+                                         "torch_threads": torch.get_num_threads(),
+                                         "note": "1-, 5- and 15-minute load averages of the machine (os.getloadavg) "
+                                                 "when the unit started and ended; above the number of cores, other "
+                                                 "processes competed for the CPU"}
                 self._store(suite, unit, value)
                 _free()
         self.results["targets"] = self.targets()
@@ -653,6 +714,8 @@ class Bench:
             U, sv, V = top_k_svd(m, k, method, **kw)  # type: ignore[arg-type]
             t = self._time(lambda: top_k_svd(m, k, method, **kw), reps)  # type: ignore[arg-type]
             fl = (svd_flops_gram(d_out, d_in, k) if method == "gram"
+                  else svd_flops_subspace(d_out, d_in, k, kw.get("oversample"), kw.get("n_iter", SUBSPACE_STEPS))
+                  if method == "subspace"
                   else svd_flops_randomized(d_out, d_in, k, kw.get("oversample"), kw.get("n_iter", 4)))
             return {"seconds": t, "flops": fl, "bound_s": fl / peak, "ratio_to_bound": t / (fl / peak),
                     "speedup_vs_exact": t_exact / t,
@@ -660,6 +723,14 @@ class Bench:
                     "energy_ratio": float((sv ** 2).sum() / (se ** 2).sum())}
 
         row["gram"] = variant("gram")
+        row["subspace"] = []
+        for os_, st in SUBSPACE_SETTINGS:
+            r = variant("subspace", oversample=os_, n_iter=st)
+            q = subspace_columns(k, os_)
+            r.update({"q": q, "oversample_rule": "max(10, ceil(k/2))" if os_ is None else str(os_), "steps": st,
+                      "library_default": os_ is None and st == SUBSPACE_STEPS,
+                      "exact_fallback": 2 * q > min(d_out, d_in)})
+            row["subspace"].append(r)
         row["randomized"] = []
         for os_, it in RANDOMIZED_SETTINGS:
             r = variant("randomized", oversample=os_, n_iter=it)
@@ -674,9 +745,13 @@ class Bench:
         """Per variant: min and median affinity (all cases, cases with a stable exact top-k)."""
         stable = [r for r in rows if r["exact_stability_affinity"] >= 0.99]
         variants = {"gram": lambda r: r["gram"]}
+        for j, (os_, st) in enumerate(SUBSPACE_SETTINGS):
+            variants[_subspace_key(os_, st)] = lambda r, j=j: r["subspace"][j]
         for j, (os_, it) in enumerate(RANDOMIZED_SETTINGS):
             variants[_setting_key(os_, it)] = lambda r, j=j: r["randomized"][j]
-        out: dict[str, Any] = {"cases": len(rows), "cases_with_unstable_exact_top_k": len(rows) - len(stable)}
+        out: dict[str, Any] = {"cases": len(rows), "cases_with_unstable_exact_top_k": len(rows) - len(stable),
+                               "cases_where_subspace_is_exact": sum(r["subspace"][0]["exact_fallback"]
+                                                                       for r in rows)}
         for name, get in variants.items():
             affs = [get(r)["affinity"] for r in rows]
             out[name] = {"min_affinity": min(affs), "median_affinity": _median(affs),
@@ -814,16 +889,19 @@ class Bench:
         fl_exact = sum(svd_flops_exact(a, b) for a, b, _ in k_of)
         fl_rand = sum(svd_flops_randomized(a, b, k) for a, b, k in k_of)
         fl_gram = sum(svd_flops_gram(a, b, k) for a, b, k in k_of)
+        fl_sub = sum(svd_flops_subspace(a, b, k) for a, b, k in k_of)
         out["bounds"] = {
             "made_it_exact_svd_flops": fl_exact, "made_it_exact_svd_bound_s": fl_exact / peak,
             "made_it_randomized_svd_flops": fl_rand, "made_it_randomized_svd_bound_s": fl_rand / peak,
             "made_it_gram_svd_flops": fl_gram, "made_it_gram_svd_bound_s": fl_gram / peak,
+            "made_it_subspace_svd_flops": fl_sub, "made_it_subspace_svd_bound_s": fl_sub / peak,
             "opcm_svd_flops": fl_exact, "opcm_svd_bound_s": fl_exact / peak,
             "mingle_svd_flops": 2 * fl_exact,
             "checkpoint_load_bound_s": ckpt_bytes / bw,
             "notes": "SVD bounds = nominal Golub-Van Loan FLOPs / measured peak matmul rate, over every module "
-                     "the adapter lists (Linear and 1x1 conv). MADE-IT: one thin SVD (or a rank-k randomized "
-                     "one) of each task vector; OPCM (madeit_core.methods.opcm): one thin SVD of each merged "
+                     "the adapter lists (Linear and 1x1 conv). MADE-IT: the top-k SVD of each task vector "
+                     "(subspace: the default; exact: one thin SVD; gram, randomized: see svd_flops_*); "
+                     "OPCM (madeit_core.methods.opcm): one thin SVD of each merged "
                      "update from step 2 on; MINGLE: two thin SVDs per module, its projection and its factors. "
                      "Load bound = checkpoint bytes / measured copy bandwidth (page-cached file)"}
         out["bounds"]["mingle_svd_bound_s"] = out["bounds"]["mingle_svd_flops"] / peak
@@ -832,7 +910,7 @@ class Bench:
                 continue
             name, hp = parse_method(mspec)
             svd_s = r["per_model"]["breakdown_s"].get("svd") or r["per_model"]["breakdown_s"].get("linalg")
-            bkey = {"made_it": f"made_it_{hp.get('svd', 'exact')}",
+            bkey = {"made_it": f"made_it_{hp.get('svd', EvolutionConfig().svd)}",
                     "opcm": "opcm", "mingle": "mingle"}.get(name)
             if bkey is not None and svd_s:
                 r["per_model"]["svd_ratio_to_bound"] = svd_s / out["bounds"][f"{bkey}_svd_bound_s"]
@@ -1091,8 +1169,8 @@ class Bench:
             den = sum((x - mx) ** 2 for x in xs)
             slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / den if den else None
         aff = [r["breakdown_s"].get("affinity", 0.0) for r in rows]
-        return {"backbone": bb.description, "svd": f"{SYNTHETIC_SVD} (exact top-k; see the absorb suite for the "
-                                                   "default full SVD)", "rows": rows,
+        return {"backbone": bb.description, "svd": f"{SYNTHETIC_SVD} (the library default; the absorb suite "
+                                                   "compares the other top-k SVDs)", "rows": rows,
                 "absorb_s_slope_per_task": slope,
                 "absorb_s_first_last": [rows[0]["absorb_s"], rows[-1]["absorb_s"]] if rows else None,
                 "affinity_s_first_last": [aff[1] if len(aff) > 1 else None, aff[-1] if aff else None],
@@ -1124,35 +1202,39 @@ class Bench:
                     "note": None if b32 == "vit-b32" else f"evaluated on {b32}, not ViT-B/32"}
         svd = sec.get("svd", {})
         if svd:
-            key = _setting_key(*RANDOMIZED_SETTINGS[0])
+            key = _subspace_key(*SUBSPACE_SETTINGS[0])
             real = svd.get("real")
             src = real["summary"] if real else None
             synth = [u["summary_reference_spectrum"] for n, u in svd.items() if n != "real"]
+            what = "MADE-IT's default randomized top-k (svd='subspace')"
             if src is not None:
                 v = src[key]["min_affinity_stable_cases"]
                 out["svd_randomized_affinity"] = {
-                    "target": "randomized top-k (library default) affinity to the exact top-k ≥ 0.99 on real "
-                              "fine-tuned task vectors", "threshold": 0.99, "value": v,
-                    "pass": (v >= 0.99) if v is not None else None,
+                    "target": f"{what}: affinity to the exact top-k ≥ 0.99 on real fine-tuned task vectors",
+                    "threshold": 0.99, "value": v, "pass": (v >= 0.99) if v is not None else None,
+                    "method": key,
                     "source": f"{len(real['files'])} fine-tuned EfficientNet-Lite0 checkpoint(s), "
                               f"{src['cases']} module task vectors",
                     "min_all_cases": src[key]["min_affinity"],
                     "cases_with_unstable_exact_top_k": src["cases_with_unstable_exact_top_k"],
+                    "cases_on_exact_fallback": src.get("cases_where_subspace_is_exact"),
                     "gram_min_affinity": src["gram"]["min_affinity"],
                     "other_settings": {k_: src[k_]["min_affinity_stable_cases"] for k_ in src
-                                       if k_.startswith("randomized")},
+                                       if k_.startswith(("randomized", "subspace"))},
                     "note": "value = minimum over modules whose exact top-k is itself stable (affinity ≥ 0.99 "
                             "to the exact top-k of the matrix perturbed by 0.1%); min_all_cases includes the "
-                            "rest (numerically rank-deficient updates, where no method can pin the subspace)"}
+                            "rest (numerically rank-deficient updates, where no method can pin the subspace); "
+                            "cases_on_exact_fallback = modules too small for a sketch (q > min(d_out, d_in)/2), "
+                            "where the routine takes the exact SVD"}
             elif synth:
                 v = min(u[key]["min_affinity"] for u in synth)
                 out["svd_randomized_affinity"] = {
-                    "target": "randomized top-k (library default) affinity to the exact top-k ≥ 0.99",
-                    "threshold": 0.99, "value": v, "pass": v >= 0.99,
+                    "target": f"{what}: affinity to the exact top-k ≥ 0.99",
+                    "threshold": 0.99, "value": v, "pass": v >= 0.99, "method": key,
                     "source": "synthetic task-vector-like matrices at the reference spectrum (no --finetuned "
                               "checkpoints given): not the real-task-vector check the issue asks for",
                     "other_settings": {k_: min(u[k_]["min_affinity"] for u in synth) for k_ in synth[0]
-                                       if k_.startswith("randomized")}}
+                                       if k_.startswith(("randomized", "subspace"))}}
         routed = sec.get("routed", {})
         for shape, r in routed.items():
             big = r["batches"].get(str(max(self.s.batch_sizes)))

@@ -305,6 +305,9 @@ def _svd_figure(svd: Mapping[str, Any]) -> Figure:
     for ui, (unit, sec) in enumerate(svd.items()):
         cases = sec.get("cases", [])
         pts = [("gram", [c["gram"] for c in cases])]
+        if cases and "subspace" in cases[0]:       # files written before the subspace method lack it
+            for j, r in enumerate(cases[0]["subspace"]):
+                pts.append((f"subspace q={r['q']} steps={r['steps']}", [c["subspace"][j] for c in cases]))
         if cases:
             for j, r in enumerate(cases[0]["randomized"]):
                 name = f"randomized p={r['oversample_rule']} q={r['n_iter']}"

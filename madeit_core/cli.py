@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from madeit_core.errors import MergeInputError
 from madeit_core.experts import EvolutionConfig, ExpertBank
+from madeit_core.geometry import SVD_METHODS
 from madeit_core.io import load_checkpoint
 from madeit_core.modules import modules_from_state_dict
 from madeit_core.statedict import check_compatible, check_pretrained
@@ -82,7 +83,8 @@ def _evolution_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--merge-rule", choices=["polar", "sum", "mean"], default="polar")
     p.add_argument("--score", choices=["subspace", "cosine"], default="subspace")
     p.add_argument("--others", choices=["mean", "pretrained", "task_arithmetic"], default="mean")
-    p.add_argument("--svd", choices=["exact", "randomized"], default="exact")
+    p.add_argument("--svd", choices=list(SVD_METHODS), default=EvolutionConfig.svd,
+                   help="top-k SVD of Eq. 5: subspace (default, fast), exact (full SVD), gram, randomized")
 
 
 def _evolution_kwargs(a: argparse.Namespace) -> dict[str, Any]:

@@ -32,6 +32,8 @@ def test_quick_writes_every_section_with_bounds(quick: tuple[Path, dict[str, Any
     assert m["hardware"]["cpu_count"] and "cuda" in m["hardware"] and m["hardware"]["torch_threads"] == 1
     assert m["versions"]["torch"] == torch.__version__ and m["settings"]["quick"] is True
     assert m["gpu_measured"] is False and "NOT measured" in m["gpu_note"] and "--device cuda" in m["gpu_note"]
+    assert m["hardware"]["threads_requested"] == 1 and "OMP_NUM_THREADS" in m["hardware"]["thread_env"]
+    assert "load average" in m["note"]
     assert on_disk["bounds"]["peak_flops"]["gflops"] > 0 and on_disk["bounds"]["bandwidth"]["gbs"] > 0
     sec = on_disk["sections"]
     assert set(sec) == set(B.SUITES)
@@ -40,7 +42,9 @@ def test_quick_writes_every_section_with_bounds(quick: tuple[Path, dict[str, Any
         mi = a["methods"]["made_it"]["per_model"]
         assert mi["absorb_s"] > 0 and {"svd", "affinity", "io_load", "io_state", "validate"} <= set(mi["breakdown_s"])
         assert mi["svd_ratio_to_bound"] > 0 and mi["io_load_ratio_to_bound"] > 0
-        assert a["bounds"]["made_it_exact_svd_bound_s"] > 0
+        assert a["bounds"]["made_it_exact_svd_bound_s"] > 0 and a["bounds"]["made_it_subspace_svd_bound_s"] > 0
+        assert {"made_it", "made_it:svd=exact"} <= set(a["methods"])                 # the default and its ablation
+        assert len(a["load_average"]["start"]) == 3 and a["load_average"]["torch_threads"] == 1
         assert "linalg" in a["methods"]["mingle:use_tta=false"]["per_model"]["breakdown_s"]
         op = a["methods"]["opcm"]["per_model"]
         assert op["absorb_s"] > 0 and op["svd_ratio_to_bound"] > 0 and "linalg" in op["breakdown_s"]
@@ -53,6 +57,8 @@ def test_quick_writes_every_section_with_bounds(quick: tuple[Path, dict[str, Any
         assert len(r["times"]["static"]["all_s"]) == 5
         for case in sec["svd"][shape]["cases"]:
             assert 0.0 <= case["randomized"][0]["affinity"] <= 1.0 + 1e-6 and case["exact_bound_s"] > 0
+            sub = case["subspace"][0]
+            assert sub["library_default"] and sub["steps"] == B.SUBSPACE_STEPS and sub["flops"] > 0
     mem = sec["memory"]["tiny-vit"]
     assert mem["source"] == "synthetic" and [r["T"] for r in mem["rows"]] == [2, 3, 4]
     assert all(r["mingle_parameters"]["experts"] > 0 and r["full_models_parameters"] > 0 for r in mem["rows"])
@@ -211,9 +217,12 @@ def test_svd_suite_on_real_checkpoints(tmp_path: Path) -> None:
     real = res["sections"]["svd"]["real"]
     assert len(real["cases"]) == 3 and real["files"][0]["task"] == "task"       # only the updated modules
     t = res["targets"]["svd_randomized_affinity"]
-    assert "EfficientNet-Lite0" in t["source"] and t["value"] == pytest.approx(
-        real["summary"][B._setting_key(None, 4)]["min_affinity_stable_cases"])
+    default = B._subspace_key(None, B.SUBSPACE_STEPS)                # MADE-IT's default top-k is the target
+    assert t["method"] == default and "EfficientNet-Lite0" in t["source"] and t["value"] == pytest.approx(
+        real["summary"][default]["min_affinity_stable_cases"])
+    assert B._setting_key(None, 4) in t["other_settings"] and default in t["other_settings"]
     assert all(c["gram"]["affinity"] > 0.999 for c in real["cases"])
+    assert all(c["subspace"][0]["library_default"] and c["subspace"][0]["affinity"] > 0.99 for c in real["cases"])
     save_tensors(tmp_path / "other.safetensors", {"w": torch.zeros(2, 2)})
     bad = B.BenchSettings.make(suites=["svd"], shapes=["tiny-cnn"], quick=True, device="cpu",
                                finetuned=[str(tmp_path / "other.safetensors")])

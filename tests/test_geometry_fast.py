@@ -74,7 +74,7 @@ def test_randomized_default_keeps_the_subspace_without_a_gap() -> None:
     assert 0.5 * (subspace_affinity(Ue, Ul) + subspace_affinity(Ve, Vl)) < 0.99
 
 
-@pytest.mark.parametrize("method", ["exact", "gram", "randomized"])
+@pytest.mark.parametrize("method", ["exact", "gram", "randomized", "subspace"])
 def test_batched_equals_loop(method: str) -> None:
     ms = torch.stack([_spectrum_matrix(90, 60, seed=s) for s in range(3)])
     U, s, V = top_k_svd(ms, 10, method)  # type: ignore[arg-type]
@@ -100,7 +100,7 @@ def test_unknown_method_and_bank_with_gram() -> None:
     assert [d.action for d in banks["gram"].decisions] == [d.action for d in banks["exact"].decisions]
 
 
-@pytest.mark.parametrize("svd", ["exact", "gram", "randomized"])
+@pytest.mark.parametrize("svd", ["exact", "gram", "randomized", "subspace"])
 def test_extract_experts_batched_equals_one_by_one(svd: str) -> None:
     from madeit_core.geometry import extract_expert, extract_experts
 

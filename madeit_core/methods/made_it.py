@@ -42,7 +42,7 @@ class MadeIt(ContinualMethod):
 
     def _absorb(self, task: str, finetuned: StateDict) -> None:
         assert self.bank is not None
-        self.bank.absorb(task, self.theta0, finetuned)
+        self.bank.absorb(task, self.theta0, finetuned, validated=True)   # base.absorb checked it
         self._routed = None
 
     def merged_model(self) -> nn.Module:
