@@ -33,7 +33,8 @@ TABLE1_METHODS: tuple[str, ...] = ("pretrained", "individual", "continual_finetu
                                    "ties", "adamerging", "wemoe", "opcm", "mingle", "odem", "made_it")
 
 #: MADE-IT's options besides the evolution config (:class:`madeit_core.methods.made_it.MadeIt`).
-MADE_IT_DEFAULTS: dict[str, Any] = {**{f.name: f.default for f in fields(EvolutionConfig)}, "aggregation": "mean"}
+MADE_IT_DEFAULTS: dict[str, Any] = {**{f.name: f.default for f in fields(EvolutionConfig)}, "aggregation": "mean",
+                                     "anchor": "experts"}
 
 #: The open choices of method.md, each with its non-default options (defaults are implied).
 ABLATIONS: dict[str, list[dict[str, Any]]] = {

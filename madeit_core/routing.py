@@ -8,6 +8,44 @@
    one expert.
 3. Forward x again with W_m = W_0,m + U diag(s) Vᵀ of the chosen experts, applied as low-rank
    updates, and the merged *other* parameters. Samples with the same path share one pass.
+
+**Why the paper's anchor fails on a convnet (offline benchmark: EfficientNet-Lite0 at 64 px,
+offline-8, orders of seeds 42 and 43; diagnosis on the real banks with 100–200 test images per
+task).** The implementation follows the paper; the failure is the method's on this backbone.
+
+- A project 1×1 conv reads the output of ReLU6: its input is non-negative for every image, while
+  every expand conv and the head conv read signed features (100 % of images either way). For
+  non-negative inputs the eight tasks' mean features nearly coincide (pairwise cosine 0.82–0.98
+  at the 16 project convs, against −0.06–0.64 at the expand/head convs) and the common mean
+  carries most of each input (‖mean‖ / rms 0.62–0.90, against 0.15–0.64). FPA(h, E) there mostly
+  measures how much of that shared direction span V_E holds, the same for every input: on the
+  final bank of seed 43 one expert takes 95–100 % of all images at 5 project convs, and the share
+  of images whose best expert holds their own task is 0.13–0.68 at the project convs against
+  0.86–0.97 at the expand convs of blocks 6–15 and 0.93 at the head conv (chance 1/n_experts).
+- Evolution keeps the most experts at shallow project convs here (each module's threshold is
+  relative to its own score history), so the paper's anchor (most experts, ties deepest) is a
+  project conv: ``_blocks.3._project_conv`` (d_in 144, rank 4) from step 4 of seed 43 on, where
+  the expert of rendered_sst2 (its V holds the common direction best: cosine 0.82 against
+  0.70–0.77) wins for all 200 images of every later task. cifar10, fashion_mnist, fer2013 and
+  kmnist reach their own experts for 0 % of their images right after they arrive.
+- Every lost sample is lost at the *first* anchor: once it kept the true task, propagation never
+  dropped it. Consolidated experts are not favoured: all experts of a module have the same rank,
+  and the polar merge slightly lowers a consolidated expert's mean FPA (0.58 against 0.60 for its
+  members alone; the exact ``sum`` merge gives 0.62). FPA of the pixel-mean feature
+  (``token_mean``) routes worse than the default mean of per-pixel FPA; centring each sample's
+  pixels before FPA helps at the project convs but hurts at the signed ones (not offered).
+
+``anchor="signed"`` (an option; the default ``"experts"`` is the paper's rule) ranks, per sample,
+the modules whose input has a negative entry before those whose input is non-negative, and keeps
+the paper's order (most candidates, ties deepest) within each class. On a model whose module
+inputs all have negative entries (a transformer's LayerNorm and GELU outputs) it is the paper's
+rule. Protocol runs (250 test images per task, 1 CPU thread), paper → signed: routing accuracy
+right after arrival, mean over the 8 steps, 0.39 → 0.97 (seed 43) and 0.62 → 0.99 (seed 42);
+mean a_ii 0.39 → 0.68 and 0.53 → 0.70, equal to the oracle path's (each task's own experts:
+0.68 and 0.70); ACC 48.3 → 58.6 and 60.6 → 58.8 (oracle 62.2 and 63.8). The final routing stays
+imperfect (0.38 → 0.79 and 0.84 → 0.82): on seed 42, 189 of 200 kmnist images take the head
+conv's {gtsrb, kmnist, mnist} expert and are then sent to mnist by the next anchor, a shallow
+expand conv (block 4), whose FPA does not tell the two digit sets apart.
 """
 
 from __future__ import annotations
@@ -27,6 +65,13 @@ from madeit_core.modules import ModuleSpec
 from madeit_core.timing import timed
 
 Aggregation = Literal["mean", "cls", "token_mean"]
+AnchorRule = Literal["experts", "signed"]
+ANCHOR_RULES: tuple[str, ...] = ("experts", "signed")
+
+
+def _check_anchor(anchor: str) -> None:
+    if anchor not in ANCHOR_RULES:
+        raise MergeInputError(f"unknown anchor rule {anchor!r} ({', '.join(ANCHOR_RULES)})")
 
 
 def _tokens(h: torch.Tensor, kind: str) -> torch.Tensor:
@@ -59,13 +104,19 @@ def fpa(h: torch.Tensor, V: torch.Tensor, aggregation: Aggregation = "mean", eps
 
 
 def route_path(scores: Mapping[str, Sequence[float]], task_sets: Mapping[str, Sequence[Collection[str]]],
-               module_order: Sequence[str]) -> tuple[dict[str, int], frozenset[str]]:
+               module_order: Sequence[str], anchor_rule: AnchorRule = "experts",
+               signed: Mapping[str, bool] | None = None) -> tuple[dict[str, int], frozenset[str]]:
     """Choose one expert per module for one sample (method.md §5, steps 3–4).
 
     ``scores[m][e]`` is the FPA of expert e of module m, ``task_sets[m][e]`` its identity set,
     ``module_order`` lists modules shallow to deep. Returns (module → chosen expert, final C).
+    ``anchor_rule``: ``experts`` (the paper: most candidates, ties deepest) or ``signed`` (modules
+    whose input has a negative entry, ``signed[m]``, first; a module missing there counts as
+    signed; then the paper's order; see the module docstring).
     """
+    _check_anchor(anchor_rule)
     depth = {m: i for i, m in enumerate(module_order)}
+    sign = {m: True if signed is None else bool(signed.get(m, True)) for m in module_order}
     cands: dict[str, list[int]] = {m: list(range(len(task_sets[m]))) for m in module_order}
     for m in module_order:
         if not cands[m]:
@@ -84,7 +135,10 @@ def route_path(scores: Mapping[str, Sequence[float]], task_sets: Mapping[str, Se
         open_modules = [m for m in module_order if m not in chosen]
         if not open_modules:
             break
-        anchor = max(open_modules, key=lambda m: (len(cands[m]), depth[m]))
+        if anchor_rule == "experts":
+            anchor = max(open_modules, key=lambda m: (len(cands[m]), depth[m]))
+        else:
+            anchor = max(open_modules, key=lambda m: (len(cands[m]) > 1, sign[m], len(cands[m]), depth[m]))
         if C is None and len(cands[anchor]) == 1:  # every module has a single expert
             for m in open_modules:
                 chosen[m] = cands[m][0]
@@ -103,7 +157,9 @@ def route_path(scores: Mapping[str, Sequence[float]], task_sets: Mapping[str, Se
 
 
 def route_batch(scores: Mapping[str, torch.Tensor], task_sets: Mapping[str, Sequence[Collection[str]]],
-                module_order: Sequence[str], batch: int) -> tuple[list[tuple[int, ...]], list[frozenset[str]]]:
+                module_order: Sequence[str], batch: int, anchor_rule: AnchorRule = "experts",
+                signed: Mapping[str, torch.Tensor] | None = None
+                ) -> tuple[list[tuple[int, ...]], list[frozenset[str]]]:
     """:func:`route_path` for a whole batch at once; the same paths and sets, sample by sample.
 
     ``scores[m]`` is a [batch, n_experts] tensor (a module missing from ``scores`` scores 0 for
@@ -113,7 +169,12 @@ def route_batch(scores: Mapping[str, torch.Tensor], task_sets: Mapping[str, Sequ
     state, and each state needs one vectorised argmax (ties go to the lowest index, as in
     :func:`route_path`). Cost: one argmax per distinct partial path instead of a Python walk
     over the modules per sample.
+
+    ``anchor_rule``/``signed`` as in :func:`route_path`, with ``signed[m]`` a [batch] bool tensor
+    (a module missing from it counts as signed). With ``signed`` the anchor itself may differ
+    between the samples of a state; they are split by anchor before the argmax.
     """
+    _check_anchor(anchor_rule)
     depth = {m: i for i, m in enumerate(module_order)}
     sets = {m: [frozenset(a) for a in task_sets[m]] for m in module_order}
     for m in module_order:
@@ -148,17 +209,31 @@ def route_batch(scores: Mapping[str, torch.Tensor], task_sets: Mapping[str, Sequ
             for i in idx.tolist():
                 paths[i], finals[i] = path, (C if C is not None else all_tasks)
             continue
-        cand = cands[anchor]
-        if anchor in scores:
-            sc = scores[anchor].detach()[idx.to(scores[anchor].device)][:, cand]
-            pick = torch.argmax(sc.float(), dim=1).cpu()
-        else:
-            pick = torch.zeros(idx.numel(), dtype=torch.long)
-        for j in torch.unique(pick).tolist():
-            e = cand[j]
-            A = sets[anchor][e]
-            stack.append((idx[pick == j], {m: list(v) for m, v in cands.items()}, {**chosen, anchor: e},
-                          A if C is None else C & A))
+        groups = [(anchor, idx)]
+        if anchor_rule == "signed":
+            # per sample: the first module of the paper's order whose input is signed
+            ranked = sorted((m for m in open_modules if len(cands[m]) > 1), key=lambda m: (len(cands[m]), depth[m]),
+                            reverse=True)
+            which = torch.full((idx.numel(),), -1, dtype=torch.long)
+            for j, m in enumerate(ranked):
+                if signed is None or m not in signed:
+                    which[which < 0] = j
+                    break
+                which[(which < 0) & signed[m].detach().cpu().bool()[idx]] = j
+            which[which < 0] = 0
+            groups = [(ranked[j], idx[which == j]) for j in torch.unique(which).tolist()]
+        for anchor, sub in groups:
+            cand = cands[anchor]
+            if anchor in scores:
+                sc = scores[anchor].detach()[sub.to(scores[anchor].device)][:, cand]
+                pick = torch.argmax(sc.float(), dim=1).cpu()
+            else:
+                pick = torch.zeros(sub.numel(), dtype=torch.long)
+            for j in torch.unique(pick).tolist():
+                e = cand[j]
+                A = sets[anchor][e]
+                stack.append((sub[pick == j], {m: list(v) for m, v in cands.items()}, {**chosen, anchor: e},
+                              A if C is None else C & A))
     return [p for p in paths if p is not None], [c for c in finals if c is not None]
 
 
@@ -205,13 +280,19 @@ class RoutedModel(nn.Module):
     otherwise the expert is applied as a low-rank update, h ↦ W0 h + U (s ⊙ Vᵀh), for the
     samples that chose it. ``grouping="path"`` runs one pass per distinct path instead (the
     simple scheme; same numbers up to rounding).
+
+    ``anchor``: the anchor rule of :func:`route_path` (``experts``, the paper's, by default;
+    ``signed`` also records, in the pre-trained pass, whether each sample's input to each scored
+    module has a negative entry).
     """
 
     def __init__(self, pretrained: nn.Module, bank: ExpertBank, aggregation: Aggregation = "mean",
-                 copy_model: bool = True, grouping: Grouping = "module") -> None:
+                 copy_model: bool = True, grouping: Grouping = "module", anchor: AnchorRule = "experts") -> None:
         super().__init__()
         if grouping not in ("module", "path"):
             raise MergeInputError(f"unknown grouping {grouping!r} (module, path)")
+        _check_anchor(anchor)
+        self.anchor: AnchorRule = anchor
         self.grouping: Grouping = grouping
         self.model = copy.deepcopy(pretrained) if copy_model else pretrained
         self.model.eval()
@@ -255,6 +336,7 @@ class RoutedModel(nn.Module):
         self._route_log: list[frozenset[str]] = []
         self.path_counts: list[int] = []
         self.dense_modules: list[int] = []
+        self.last_signed: dict[str, torch.Tensor] = {}
 
     # ----------------------------------------------------------------- diagnostics
     def reset_routing_log(self) -> None:
@@ -277,8 +359,13 @@ class RoutedModel(nn.Module):
                 sd[k].copy_(v)
 
     def score(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Pass 1: FPA of every expert at every multi-expert module, [B, n_experts] each."""
+        """Pass 1: FPA of every expert at every multi-expert module, [B, n_experts] each.
+
+        With ``anchor="signed"`` it also leaves in :attr:`last_signed` a [B] bool tensor per scored
+        module: whether the sample's input to that module has a negative entry."""
         out: dict[str, torch.Tensor] = {}
+        signed: dict[str, torch.Tensor] = {}
+        self.last_signed = signed
         handles = []
         for s in self.specs:
             if s.key not in self._fpa_bases:
@@ -288,6 +375,8 @@ class RoutedModel(nn.Module):
                 with timed("fpa"):
                     V_cat, seg = self._fpa_bases[key]
                     out[key] = fpa_many(_tokens(inp[0], kind), V_cat, seg, self.aggregation)
+                    if self.anchor == "signed":
+                        signed[key] = (inp[0].detach() < 0).flatten(1).any(dim=1).cpu()
 
             handles.append(self._mods[s.key].register_forward_pre_hook(hook))
         try:
@@ -303,7 +392,8 @@ class RoutedModel(nn.Module):
         """Paths (one expert index per module, in bank order) and constraint sets per sample."""
         scores = self.score(x)
         with timed("routing"):
-            return route_batch(scores, self._task_sets, [s.key for s in self.specs], x.shape[0])
+            return route_batch(scores, self._task_sets, [s.key for s in self.specs], x.shape[0], self.anchor,
+                               self.last_signed if self.anchor == "signed" else None)
 
     def forward_with_path(self, x: torch.Tensor, path: Sequence[int]) -> torch.Tensor:
         """Pass 2 for samples sharing ``path``: low-rank updates on θ0 plus merged others."""
@@ -415,6 +505,7 @@ def _add_lowrank(output: torch.Tensor, h: torch.Tensor, groups: Sequence[tuple[E
         return output
 
 
-def wrap(pretrained: nn.Module, bank: ExpertBank, aggregation: Aggregation = "mean") -> RoutedModel:
+def wrap(pretrained: nn.Module, bank: ExpertBank, aggregation: Aggregation = "mean",
+         anchor: AnchorRule = "experts") -> RoutedModel:
     """Wrap a pre-trained model with an expert bank for routed inference (the documented API)."""
-    return RoutedModel(pretrained, bank, aggregation)
+    return RoutedModel(pretrained, bank, aggregation, anchor=anchor)

@@ -6,13 +6,14 @@ import copy
 
 import pytest
 import torch
+from torch import nn
 
 from madeit_core.errors import MergeInputError
 from madeit_core.experts import EvolutionConfig, ExpertBank
 from madeit_core.methods import get_method
 from madeit_core.methods.base import MergeContext
-from madeit_core.modules import as_matrix
-from madeit_core.routing import RoutedModel, fpa, route_path
+from madeit_core.modules import as_matrix, discover_modules
+from madeit_core.routing import RoutedModel, fpa, route_batch, route_path
 from madeit_core.toy import ToyBenchmark
 
 
@@ -55,6 +56,26 @@ def test_route_path_bifurcation_and_reanchoring() -> None:
     scores2 = {"m1": [0.6, 0.3], "m2": [0.2, 0.8]}
     chosen, C = route_path(scores2, sets, ["m1", "m2"])
     assert chosen == {"m1": 0, "m2": 1} and C == {"b"}
+
+
+def test_route_path_signed_anchor() -> None:
+    # a shallow module fed non-negative features (after a ReLU) holds the most experts, but its
+    # FPA favours one expert for every input; the deeper module reads signed features
+    sets = {"relu": [{"a"}, {"b"}, {"c"}], "lin": [{"a"}, {"b", "c"}]}
+    scores = {"relu": [0.9, 0.5, 0.4], "lin": [0.2, 0.8]}
+    order = ["relu", "lin"]
+    # the paper: the module with the most experts anchors, whatever its input
+    assert route_path(scores, sets, order) == ({"relu": 0, "lin": 0}, frozenset({"a"}))
+    # signed first: lin anchors on {b, c}, then relu re-anchors among {b} and {c}
+    chosen, C = route_path(scores, sets, order, "signed", {"relu": False, "lin": True})
+    assert chosen == {"relu": 1, "lin": 1} and C == {"b"}
+    # every input signed (or no sign information): the paper's rule
+    for signed in ({"relu": True, "lin": True}, {"lin": True}, None):
+        assert route_path(scores, sets, order, "signed", signed) == route_path(scores, sets, order)
+    # no signed module with a choice left: the paper's order among the others
+    assert route_path(scores, sets, order, "signed", {"relu": False, "lin": False}) == route_path(scores, sets, order)
+    with pytest.raises(MergeInputError, match="anchor"):
+        route_path(scores, sets, order, "widest")  # type: ignore[arg-type]
 
 
 def test_route_path_all_single() -> None:
@@ -130,6 +151,56 @@ def test_one_path_per_task_when_experts_never_merge(bench: ToyBenchmark) -> None
     routed(x)
     acc = routed.routing_accuracy(bench.tasks[1])
     assert acc == pytest.approx(sum(bench.tasks[1] in C for C in sets) / len(sets))
+
+
+def test_signed_anchor_on_a_relu_model() -> None:
+    """RoutedModel(anchor="signed") records which inputs have a negative entry and routes each
+    sample as route_path does with those flags; on signed inputs it is the paper's rule."""
+    g = torch.Generator().manual_seed(3)
+    model = nn.Sequential(nn.Linear(6, 12), nn.Linear(12, 12), nn.ReLU(), nn.Linear(12, 5))
+    specs = discover_modules(model)
+    bank = ExpertBank(specs, EvolutionConfig(rank_ratio=0.25, margin=100.0))   # never consolidate
+    sd0 = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    for t in ("a", "b", "c"):
+        bank.absorb(t, sd0, {k: v + 0.1 * torch.randn(v.shape, generator=g) for k, v in sd0.items()})
+    x = torch.cat([torch.randn(6, 6, generator=g), torch.rand(3, 6, generator=g)])  # 3 non-negative inputs
+    routed = RoutedModel(model, bank, anchor="signed")
+    paths, finals = routed.route(x)
+    flags = routed.last_signed
+    keys = [s.key for s in specs]
+    assert not flags[keys[2]].any()                        # after the ReLU: never signed
+    assert flags[keys[0]].tolist() == [True] * 6 + [False] * 3 and flags[keys[1]].all()
+    scores = routed.score(x)
+    for b in range(x.shape[0]):
+        per = {k: scores[k][b].tolist() for k in keys}
+        chosen, C = route_path(per, bank_sets(bank), keys, "signed", {k: bool(flags[k][b]) for k in keys})
+        assert paths[b] == tuple(chosen[k] for k in keys) and finals[b] == C
+    paper = RoutedModel(model, bank)
+    paper_paths, _ = paper.route(x)
+    assert (paper_paths, _) == route_batch(scores, bank_sets(bank), keys, x.shape[0])
+    assert not paper.last_signed                           # the paper's rule records no signs
+    # the paper anchors on the deepest module (post-ReLU here); the signed rule does not
+    assert any(p[2] != q[2] for p, q in zip(paths, paper_paths))
+    with pytest.raises(MergeInputError, match="anchor"):
+        RoutedModel(model, bank, anchor="widest")  # type: ignore[arg-type]
+
+
+def test_signed_anchor_equals_paper_on_signed_features(bench: ToyBenchmark) -> None:
+    # the toy ViT's modules read LayerNorm / GELU / attention outputs: signed for every sample
+    m = _made_it(bench, margin=0.0)
+    x = torch.cat([bench.unlabeled_samples(t, 3, 0) for t in bench.tasks])
+    signed = RoutedModel(bench.pretrained(), m.bank, anchor="signed")  # type: ignore[attr-defined]
+    got = signed.route(x)
+    assert all(bool(f.all()) for f in signed.last_signed.values())
+    assert got == RoutedModel(bench.pretrained(), m.bank).route(x)  # type: ignore[attr-defined]
+    made = get_method("made_it", anchor="signed")
+    assert made.hparams()["anchor"] == "signed" and get_method("made_it").hparams()["anchor"] == "experts"
+    with pytest.raises(MergeInputError, match="anchor"):
+        get_method("made_it", anchor="widest")
+
+
+def bank_sets(bank: ExpertBank) -> dict[str, list[frozenset[str]]]:
+    return {k: [frozenset(e.tasks) for e in m.experts] for k, m in bank.modules.items()}
 
 
 def test_routed_model_rejects_foreign_bank(bench: ToyBenchmark) -> None:

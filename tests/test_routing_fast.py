@@ -52,6 +52,27 @@ def test_route_batch_matches_route_path(seed: int, modules: int, tasks: int, bat
         assert paths[b] == tuple(chosen[m] for m in order) and finals[b] == C
 
 
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 10_000), modules=st.integers(1, 6), tasks=st.integers(1, 7),
+       batch=st.integers(1, 9), tie_grid=st.booleans())
+def test_route_batch_matches_route_path_signed_anchor(seed: int, modules: int, tasks: int, batch: int,
+                                                      tie_grid: bool) -> None:
+    sets, scores = _random_problem(seed, modules, tasks, batch, tie_grid)
+    order = list(sets)
+    g = torch.Generator().manual_seed(seed + 1)
+    signed = {m: torch.rand(batch, generator=g) < 0.5 for m in scores}   # unscored modules count as signed
+    paths, finals = route_batch(scores, sets, order, batch, "signed", signed)
+    for b in range(batch):
+        per = {m: (scores[m][b].tolist() if m in scores else [0.0] * len(sets[m])) for m in order}
+        chosen, C = route_path(per, sets, order, "signed", {m: bool(v[b]) for m, v in signed.items()})
+        assert paths[b] == tuple(chosen[m] for m in order) and finals[b] == C
+    # all signed, or no flags at all: the paper's rule
+    same = route_batch(scores, sets, order, batch)
+    everywhere = {m: torch.ones(batch, dtype=torch.bool) for m in scores}
+    assert route_batch(scores, sets, order, batch, "signed", everywhere) == same
+    assert route_batch(scores, sets, order, batch, "signed") == same
+
+
 def test_route_batch_rejects_bad_scores() -> None:
     sets = {"m0": [{"a"}, {"b"}]}
     with pytest.raises(MergeInputError, match="m0"):

@@ -13,25 +13,32 @@ from typing import Any
 import torch
 from torch import nn
 
+from madeit_core.errors import MergeInputError
 from madeit_core.experts import EvolutionConfig, ExpertBank
 from madeit_core.methods import register
 from madeit_core.methods.base import ContinualMethod, MergeContext
-from madeit_core.routing import Aggregation, RoutedModel
+from madeit_core.routing import ANCHOR_RULES, Aggregation, AnchorRule, RoutedModel
 from madeit_core.statedict import StateDict
 
 
 @register
 class MadeIt(ContinualMethod):
     """MADE-IT with every open choice of method.md as a keyword (see :class:`EvolutionConfig`);
-    ``aggregation`` is the FPA token aggregation (mean, cls, token_mean)."""
+    ``aggregation`` is the FPA token aggregation (mean, cls, token_mean); ``anchor`` the anchor
+    rule of the implicit routing: ``experts`` (the paper's) or ``signed`` (modules whose input has
+    a negative entry anchor first; see :mod:`madeit_core.routing` for why the paper's rule fails
+    on the offline convnet)."""
 
     name = "made_it"
     needs_data = False
 
-    def __init__(self, aggregation: Aggregation = "mean", **evolution: Any) -> None:
+    def __init__(self, aggregation: Aggregation = "mean", anchor: AnchorRule = "experts", **evolution: Any) -> None:
         super().__init__()
+        if anchor not in ANCHOR_RULES:
+            raise MergeInputError(f"unknown anchor rule {anchor!r} ({', '.join(ANCHOR_RULES)})")
         self.config = EvolutionConfig(**evolution)
         self.aggregation: Aggregation = aggregation
+        self.anchor: AnchorRule = anchor
         self.bank: ExpertBank | None = None
         self._routed: RoutedModel | None = None
 
@@ -48,7 +55,8 @@ class MadeIt(ContinualMethod):
     def merged_model(self) -> nn.Module:
         assert self.bank is not None and self.pretrained is not None
         if self._routed is None:
-            self._routed = RoutedModel(self.pretrained.to(self.ctx.device), self.bank, self.aggregation)
+            self._routed = RoutedModel(self.pretrained.to(self.ctx.device), self.bank, self.aggregation,
+                                       anchor=self.anchor)
         return self._routed
 
     def save_artifacts(self, folder: str | Path) -> None:
@@ -56,7 +64,7 @@ class MadeIt(ContinualMethod):
         self.bank.save(folder)
 
     def hparams(self) -> dict[str, Any]:
-        return {**asdict(self.config), "aggregation": self.aggregation}
+        return {**asdict(self.config), "aggregation": self.aggregation, "anchor": self.anchor}
 
     def _state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         assert self.bank is not None
