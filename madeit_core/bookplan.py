@@ -43,6 +43,8 @@ ABLATIONS: dict[str, list[dict[str, Any]]] = {
     "other parameters": [{"others": "pretrained"}, {"others": "task_arithmetic"}],
     "FPA aggregation": [{"aggregation": "cls"}, {"aggregation": "token_mean"}],
     "affinity score": [{"score": "cosine"}],
+    "routing anchor": [{"anchor": "signed"}],
+    "top-k SVD": [{"svd": "exact"}],
 }
 
 
