@@ -1,7 +1,8 @@
 """Implicit routing (paper §3.2; method.md §5): no gate, no training, no data beyond the input.
 
 1. Forward x through θ0 and, at each module, score every expert by feature projection
-   alignment FPA(h, E) = ‖Vᵀh‖ / ‖h‖ (Eq. 8), aggregated over tokens.
+   alignment FPA(h, E) = ‖Vᵀh‖ / ‖h‖ (Eq. 8), aggregated over tokens. Only modules that can
+   anchor a path for some input need it (:func:`anchor_modules`; exact, computed from the bank).
 2. :func:`route_path`: the module with the most experts anchors the path (ties: the deepest); its
    best expert fixes the constraint set C = A_e. Every other module keeps the experts whose
    identity sets meet C; the most ambiguous module re-anchors (C ← C ∩ A_e) until each module has
@@ -237,6 +238,61 @@ def route_batch(scores: Mapping[str, torch.Tensor], task_sets: Mapping[str, Sequ
     return [p for p in paths if p is not None], [c for c in finals if c is not None]
 
 
+def anchor_modules(task_sets: Mapping[str, Sequence[Collection[str]]], module_order: Sequence[str],
+                   anchor_rule: AnchorRule = "experts") -> frozenset[str]:
+    """The modules whose FPA :func:`route_path` / :func:`route_batch` can ever read, for any input.
+
+    The routing reads a module's scores only when that module is the anchor, and (rule
+    ``experts``) which module anchors depends on the bank alone: on the candidates left in each
+    module, which depend on C and on the modules resolved so far, which depend on the experts the
+    earlier anchors picked. The input enters only through those picks (an argmax of FPA among the
+    anchor's candidates). So walk the routing's own state machine with *every* candidate of the
+    anchor as a possible pick instead of the argmax: the reachable states are a superset of the
+    states any input reaches, and the anchors met on the way a superset of the anchors any input
+    uses. Scoring only these modules therefore gives every input the same anchors, the same
+    argmaxes and the same path as scoring every module (bit-identical: each module's FPA is
+    computed by the same call as before). A state's future depends only on C, on which modules
+    are still open and on their candidates, so states are memoised on that.
+
+    Rule ``signed``: the anchor is the first module, in the paper's order, whose input has a
+    negative entry for that sample, so every module with several candidates at the first step can
+    anchor for some sign pattern; the set is every multi-expert module (no saving).
+
+    A bank whose first anchor has one expert per task fixes C to a single task at once, resolving
+    every other module: the set is that one module.
+    """
+    _check_anchor(anchor_rule)
+    sets = {m: [frozenset(a) for a in task_sets[m]] for m in module_order}
+    multi = frozenset(m for m in module_order if len(sets[m]) > 1)
+    if anchor_rule == "signed" or not multi:
+        return multi
+    depth = {m: i for i, m in enumerate(module_order)}
+    anchors: set[str] = set()
+    seen: set[tuple[frozenset[str], tuple[tuple[str, tuple[int, ...]], ...]]] = set()
+    # a state as in route_batch, less the samples and the choices: (C, candidates of the open modules)
+    stack: list[tuple[frozenset[str] | None, dict[str, list[int]]]] = [
+        (None, {m: list(range(len(sets[m]))) for m in module_order})]
+    while stack:
+        C, open_cands = stack.pop()
+        if C is not None:
+            open_cands = {m: [e for e in c if C & sets[m][e]] for m, c in open_cands.items()}
+            open_cands = {m: c for m, c in open_cands.items() if len(c) != 1}      # resolved
+            key = (C, tuple(sorted((m, tuple(c)) for m, c in open_cands.items())))
+            if key in seen:
+                continue
+            seen.add(key)
+        if not open_cands:
+            continue
+        anchor = max(open_cands, key=lambda m: (len(open_cands[m]), depth[m]))
+        if len(open_cands[anchor]) < 2:   # every module has a single expert (or none left)
+            continue
+        anchors.add(anchor)
+        rest = {m: c for m, c in open_cands.items() if m != anchor}
+        for e in open_cands[anchor]:
+            stack.append((sets[anchor][e] if C is None else C & sets[anchor][e], rest))
+    return frozenset(anchors)
+
+
 def fpa_many(h: torch.Tensor, V_cat: torch.Tensor, segments: torch.Tensor, aggregation: Aggregation = "mean",
              eps: float = 1e-12) -> torch.Tensor:
     """FPA of several experts at once: [B, n_experts], column e equal to ``fpa(h, V_e)``.
@@ -272,7 +328,8 @@ class RoutedModel(nn.Module):
 
     Cost: two forward passes per batch, the fewest the method allows. The pre-trained pass
     scores every expert from the activations it records (:func:`fpa_many`, one product per
-    module); :func:`route_batch` routes the batch with one argmax per distinct partial path; the
+    module), only at the modules that can anchor some path (:func:`anchor_modules`, the rest's
+    FPA is never read); :func:`route_batch` routes the batch with one argmax per distinct partial path; the
     routed pass then runs, with ``grouping="module"`` (default), once for the whole batch: at
     every module the samples are grouped by the expert their path picks. A module whose samples
     all use one expert and see many tokens gets θ0 + U diag(s) Vᵀ written into its weight for
@@ -313,10 +370,12 @@ class RoutedModel(nn.Module):
             self._experts[s.key] = [Expert(e.U.to(device, w.dtype), e.s.to(device, w.dtype), e.V.to(device, w.dtype),
                                            list(e.tasks)) for e in bank.modules[s.key].experts]
         self._task_sets = {k: [frozenset(e.tasks) for e in v] for k, v in self._experts.items()}
-        # all bases of a multi-expert module side by side, for one FPA product per module
+        # the modules that can anchor some input's path: the only ones whose FPA routing reads
+        self.fpa_modules = anchor_modules(self._task_sets, [s.key for s in self.specs], anchor)
+        # all bases of such a module side by side, for one FPA product per module
         self._fpa_bases: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         for key, experts in self._experts.items():
-            if len(experts) < 2:
+            if key not in self.fpa_modules:
                 continue
             ks = [e.rank for e in experts]
             seg = torch.zeros(sum(ks), len(ks), dtype=experts[0].V.dtype, device=device)
@@ -359,10 +418,13 @@ class RoutedModel(nn.Module):
                 sd[k].copy_(v)
 
     def score(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Pass 1: FPA of every expert at every multi-expert module, [B, n_experts] each.
+        """Pass 1: FPA of every expert at every module of :attr:`fpa_modules`, [B, n_experts] each.
 
-        With ``anchor="signed"`` it also leaves in :attr:`last_signed` a [B] bool tensor per scored
-        module: whether the sample's input to that module has a negative entry."""
+        :attr:`fpa_modules` (:func:`anchor_modules`, computed once per bank when the model is built)
+        holds the modules that can anchor some input's path; routing never reads the others' FPA,
+        so they are neither recorded nor scored. With ``anchor="signed"`` it is every multi-expert
+        module, and :attr:`last_signed` gets a [B] bool tensor per such module: whether the
+        sample's input to that module has a negative entry."""
         out: dict[str, torch.Tensor] = {}
         signed: dict[str, torch.Tensor] = {}
         self.last_signed = signed
