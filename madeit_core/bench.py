@@ -1096,6 +1096,7 @@ class Bench:
                            "bound_s": flops / peak, "ratio_to_bound": t_static / (flops / peak)},
                 "routed": {"latency_s": t_routed, "throughput_per_s": B / t_routed, "path_groups": groups,
                            "modules_dense": dense, "modules_total": len(bank.specs),
+                           "modules_fpa": len(routed.fpa_modules),
                            "breakdown_s": dict(rec.totals), "breakdown_total_s": t_rec,
                            "breakdown_note": "one extra call under the timer (with device syncs at region "
                                              "boundaries); exclusive regions: pretrained_pass excludes fpa, "
