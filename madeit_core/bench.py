@@ -613,7 +613,7 @@ class Bench:
             m["gpu_max_allocated_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
         with contextlib.suppress(OSError):
             m["load_average_now"] = list(os.getloadavg())
-        write_json(self.out, self.results)
+        write_json(self.out, self.results, indent=None)   # thousands of SVD cases: compact
 
     def _done(self, suite: str, unit: str) -> bool:
         return bool(self.results["sections"].get(suite, {}).get(unit, {}).get("done"))

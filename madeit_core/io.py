@@ -40,9 +40,10 @@ def atomic_write(path: str | os.PathLike[str], mode: str = "wb") -> Iterator[Any
         raise
 
 
-def write_json(path: str | os.PathLike[str], obj: Any) -> None:
-    """Write ``obj`` as indented JSON, atomically."""
-    text = json.dumps(obj, indent=2, sort_keys=False, default=_json_default)
+def write_json(path: str | os.PathLike[str], obj: Any, indent: int | None = 2) -> None:
+    """Write ``obj`` as JSON (indented unless ``indent`` is None: one compact line), atomically."""
+    seps = None if indent is not None else (",", ":")
+    text = json.dumps(obj, indent=indent, separators=seps, sort_keys=False, default=_json_default)
     with atomic_write(path, "w") as fh:
         fh.write(text + "\n")
 

@@ -84,19 +84,25 @@ def _tokens(h: torch.Tensor, kind: str) -> torch.Tensor:
     return h.reshape(h.shape[0], -1, h.shape[-1])
 
 
+def _tokens_for(h: torch.Tensor, aggregation: Aggregation) -> torch.Tensor:
+    """The [B, N, d] tokens FPA reads under ``aggregation`` (all, token 0, or their mean)."""
+    t = h[:, None, :] if h.ndim == 2 else h
+    if aggregation == "cls":
+        return t[:, :1]
+    if aggregation == "token_mean":
+        return t.mean(dim=1, keepdim=True)
+    if aggregation != "mean":
+        raise MergeInputError(f"unknown FPA aggregation {aggregation!r} (mean, cls, token_mean)")
+    return t
+
+
 def fpa(h: torch.Tensor, V: torch.Tensor, aggregation: Aggregation = "mean", eps: float = 1e-12) -> torch.Tensor:
     """Eq. 8 per sample: FPA(h, E) = ‖Vᵀh‖ / ‖h‖ for tokens h ([B, N, d] or [B, d]).
 
     ``aggregation``: ``mean`` of the per-token FPA (default), ``cls`` (token 0 only) or
     ``token_mean`` (FPA of the mean token). An empty V (the zero expert) scores 0.
     """
-    t = h[:, None, :] if h.ndim == 2 else h
-    if aggregation == "cls":
-        t = t[:, :1]
-    elif aggregation == "token_mean":
-        t = t.mean(dim=1, keepdim=True)
-    elif aggregation != "mean":
-        raise MergeInputError(f"unknown FPA aggregation {aggregation!r} (mean, cls, token_mean)")
+    t = _tokens_for(h, aggregation)
     if V.shape[1] == 0:
         return torch.zeros(t.shape[0], dtype=t.dtype, device=t.device)
     num = torch.linalg.vector_norm(t @ V.to(t.dtype), dim=-1)
@@ -301,13 +307,7 @@ def fpa_many(h: torch.Tensor, V_cat: torch.Tensor, segments: torch.Tensor, aggre
     is 1 where a column belongs to an expert, so ‖V_eᵀh‖² = ((hᵀV_cat)²  · segments)_e: one
     product with all bases instead of one per expert. A zero expert has an empty segment (FPA 0).
     """
-    t = h[:, None, :] if h.ndim == 2 else h
-    if aggregation == "cls":
-        t = t[:, :1]
-    elif aggregation == "token_mean":
-        t = t.mean(dim=1, keepdim=True)
-    elif aggregation != "mean":
-        raise MergeInputError(f"unknown FPA aggregation {aggregation!r} (mean, cls, token_mean)")
+    t = _tokens_for(h, aggregation)
     if V_cat.shape[1] == 0:
         return torch.zeros(t.shape[0], segments.shape[1], dtype=t.dtype, device=t.device)
     proj = t @ V_cat.to(t.dtype)
