@@ -4,6 +4,8 @@ applying the Gram operator; determinism for a seed; the exact fallbacks; the fus
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -55,8 +57,10 @@ def test_subspace_agrees_with_the_exact_top_k(shape: tuple[int, int]) -> None:
     assert got <= best * (1 + RECON_EXCESS)
 
 
-def test_the_shifted_steps_beat_the_plain_power_method() -> None:
-    """Same columns and steps: the Rayleigh–Ritz shifts (μ > 0) converge where μ = 0 lags."""
+def test_the_shifted_steps_beat_the_plain_power_method(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Same columns and steps: the Rayleigh–Ritz shifts (μ > 0) converge where μ = 0 lags
+    (step S5's exact fallback off, so that both iterations are compared as they are)."""
+    monkeypatch.setattr(geo, "SUBSPACE_MAX_LOSS", float("inf"))
     m = _spectrum_matrix(400, 300, seed=8, alpha=0.3, noise=0.6)
     k = 24
     exact = top_k_svd(m, k, "exact")
@@ -184,3 +188,52 @@ def test_update_kind_sees_zero_and_nonfinite_updates() -> None:
     with pytest.raises(MergeInputError, match="NaN or Inf"):
         extract_expert(torch.tensor([[1.0, float("-inf")]]), rank=1)
     assert extract_expert(torch.zeros(4, 3), rank=2).is_zero
+
+
+def _designed_spectrum(s: torch.Tensor, m: int, n: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    U = torch.linalg.qr(torch.randn(m, len(s), generator=g, dtype=torch.float64))[0]
+    V = torch.linalg.qr(torch.randn(n, len(s), generator=g, dtype=torch.float64))[0]
+    return ((U * s.double()) @ V.T).float()
+
+
+@pytest.mark.parametrize("case", ["near_tie", "flat"])
+def test_unconverged_matrices_take_the_exact_svd(case: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Step S5: where five steps cannot settle the k-th direction (s_k / s_(k+1) = 1.0005, or a
+    linear spectrum), the result is the exact top-k; with the check disabled it is not."""
+    k = 30
+    if case == "near_tie":
+        s = torch.arange(1, 301, dtype=torch.float64).pow(-0.3)
+        s[k] = s[k - 1] / 1.0005
+    else:
+        s = torch.linspace(1.0, 0.3, 300, dtype=torch.float64)
+    ms = [_designed_spectrum(s, 400, 300, seed) for seed in range(3)]
+    for m in ms:
+        exact = top_k_svd(m, k, "exact")
+        assert all(torch.equal(x, y) for x, y in zip(top_k_svd(m, k, "subspace"), exact, strict=True))
+    U, sv, V = top_k_svd(torch.stack(ms), k, "subspace")                      # batched: the same
+    assert torch.equal(sv[1], top_k_svd(ms[1], k, "exact")[1])
+    monkeypatch.setattr(geo, "SUBSPACE_MAX_LOSS", float("inf"))
+    worst = min(_affinity(top_k_svd(m, k, "subspace"), top_k_svd(m, k, "exact")) for m in ms)
+    assert worst < 0.99                                                       # the check was needed
+
+
+def test_converged_matrices_keep_the_fast_result() -> None:
+    """Task-vector-like spectra do not trip step S5 (it would cost an exact SVD each)."""
+    for seed in range(4):
+        m = _spectrum_matrix(600, 200, seed=seed)
+        fast, exact = top_k_svd(m, 20, "subspace"), top_k_svd(m, 20, "exact")
+        assert not torch.equal(fast[1], exact[1])
+        assert _affinity(fast, exact) >= MIN_AFFINITY
+
+
+def test_loss_estimate_is_exact_for_a_known_rotation() -> None:
+    """The Davis–Kahan estimate on a hand-made Ritz pair: G = diag(2, 1), v = (cos φ, sin φ)."""
+    phi = 0.1
+    G = torch.diag(torch.tensor([2.0, 1.0], dtype=torch.float64))
+    v = torch.tensor([[math.cos(phi)], [math.sin(phi)]], dtype=torch.float64)
+    theta = (v.T @ G @ v).reshape(1)
+    est = geo.subspace_loss_estimate(G @ v, v, theta, torch.tensor(1.0, dtype=torch.float64))
+    r = float(torch.linalg.norm(G @ v - v * theta))
+    assert float(est) == pytest.approx(r ** 2 / (float(theta) - 1.0) ** 2)
+    assert float(est) >= math.sin(phi) ** 2                                  # it bounds the true loss here
