@@ -182,6 +182,23 @@ def _cmd_data_pack(a: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_data_learnability(a: argparse.Namespace) -> int:
+    from madeit_core.text_learnability import DEFAULT_VARIANTS, run_learnability
+
+    variants = tuple(v for v in DEFAULT_VARIANTS if not a.variants or v.name in a.variants)
+    if not variants:
+        raise MergeInputError(f"no variant named {a.variants}; known: {[v.name for v in DEFAULT_VARIANTS]}")
+    doc = run_learnability(a.tasks, variants, a.profile, a.out, a.data, a.device)
+    print(f"rendered-text fine-tuning under variants (profile {a.profile}; test pool accuracy):")
+    print(f"{'task':16s} {'variant':20s} {'probe':>6s} {'tuned':>6s} {'gain':>6s} {'±95%':>5s} {'train':>6s}")
+    for r in doc["rows"]:
+        print(f"{r['task']:16s} {r['variant']['name']:20s} {r['probe']:6.3f} {r['finetuned']:6.3f} {r['gain']:+6.3f} "
+              f"{r['noise95']:5.3f} {r['train_accuracy_last_fifth']:6.3f}")
+    if a.out:
+        print(f"wrote {a.out}")
+    return 0
+
+
 def _cmd_data_ceiling(a: argparse.Namespace) -> int:
     from madeit_core.data.reading_ceiling import profile_reading_ceilings
     from madeit_core.io import write_json
@@ -302,6 +319,14 @@ def build_parser() -> argparse.ArgumentParser:
     dl.add_argument("--data", help="mirror folder (default $MADEIT_DATA or ../shared/data)")
     dl.add_argument("--out", help="write the numbers as JSON here")
     dl.set_defaults(func=_cmd_data_ceiling)
+    dn = dsub.add_parser("learnability", help="fine-tune a rendered-text task under recipe/rendering variants")
+    dn.add_argument("--profile", default="offline")
+    dn.add_argument("--tasks", nargs="+", default=["rendered_sst2"], help="rendered-text tasks")
+    dn.add_argument("--variants", nargs="+", help="only these variant names (default: all)")
+    dn.add_argument("--data", help="mirror folder (default $MADEIT_DATA or ../shared/data)")
+    dn.add_argument("--device", default="cpu")
+    dn.add_argument("--out", help="JSON results file (resumed when it exists)")
+    dn.set_defaults(func=_cmd_data_learnability)
     df = dsub.add_parser("fetch", help="fill a mirror folder from torchvision / Hugging Face (needs internet)")
     df.add_argument("--out", required=True, help="mirror folder to fill")
     df.add_argument("--tasks", nargs="+", help="only these tasks (default: all)")
