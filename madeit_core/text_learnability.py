@@ -9,9 +9,12 @@ features of the leading rows, then fine-tuning with head and BatchNorm frozen,
 :func:`madeit_core.zoo.finetune`):
 
 - ``train_cap`` / ``steps``: more rows and more steps (the mirror holds 67k SST-2 rows);
+- ``lr``: a larger learning rate (reading needs the early layers to change, not just the last);
 - ``font_frac``: larger glyphs (fewer words shown);
 - ``invert``: white text on black (ImageNet-normalised white backgrounds push many ReLU6 units
-  into saturation; MNIST, which the encoder learns well, is white on black).
+  into saturation; MNIST, which the encoder learns well, is white on black);
+- ``train_head`` (a diagnostic, not the protocol): the probe head is trained with the encoder,
+  which tells whether the frozen head is what stops it.
 
 Scored on the task's whole test pool (``test_pool_cap`` rows, up to 1,000: a smaller noise band
 than the zoo's 250 evaluated rows). Results go to a JSON file after every variant (atomically);
@@ -49,16 +52,20 @@ class Variant:
     name: str
     train_cap: int | None = None
     steps: int | None = None
+    lr: float | None = None
     font_frac: float = FONT_FRAC
     invert: bool = False
+    train_head: bool = False    # diagnostic only (not the zoo's protocol): the probe head trains too
 
 
 #: the variants the book reports (``madeit data learnability`` runs these by default)
 DEFAULT_VARIANTS: tuple[Variant, ...] = (
     Variant("zoo recipe"),
     Variant("5x rows, 4x steps", train_cap=8000, steps=1200),
+    Variant("lr 1e-3", lr=1e-3),
     Variant("16 px font", font_frac=0.25),
     Variant("white on black", invert=True),
+    Variant("head trained too (diagnostic)", train_head=True),
 )
 
 
@@ -103,10 +110,17 @@ def run_variant(task: str, v: Variant, profile: str = "offline", mirror: str | o
                                    p.probe_l2, p.probe_holdout, seed)
     head = head.to(device)
     probe = evaluate_rows(model, head, x_te, y_te, zoo.preprocess, device, p.eval_batch)
-    recipe = {**p.recipe(), "steps": v.steps or p.steps}
-    ft = finetune(model, head, x_tr[n_probe:], y_tr[n_probe:], recipe, seed, zoo.preprocess, device,
+    recipe = {**p.recipe(), "steps": v.steps or p.steps, "lr": v.lr or p.lr}
+    train_model, train_head = model, head
+    if v.train_head:
+        linear = torch.nn.Linear(head.weight.shape[1], head.weight.shape[0]).to(device)
+        with torch.no_grad():
+            linear.weight.copy_(head.weight)
+            linear.bias.copy_(head.bias)
+        train_model, train_head = torch.nn.Sequential(model, linear), torch.nn.Identity()
+    ft = finetune(train_model, train_head, x_tr[n_probe:], y_tr[n_probe:], recipe, seed, zoo.preprocess, device,
                   desc=f"{task}: {v.name}", show_progress=show_progress)
-    tuned = evaluate_rows(model, head, x_te, y_te, zoo.preprocess, device, p.eval_batch)
+    tuned = evaluate_rows(train_model, train_head, x_te, y_te, zoo.preprocess, device, p.eval_batch)
     n = len(y_te)
     return {
         "task": task, "variant": asdict(v), "profile": p.name,

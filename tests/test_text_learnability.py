@@ -40,10 +40,12 @@ def test_variants_change_the_rows_they_claim(tmp_path: Path) -> None:
 def test_learnability_runs_the_zoo_procedure_and_resumes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     root = _mirror(tmp_path / "mirror")
     monkeypatch.setenv("MADEIT_CACHE", str(tmp_path / "cache"))
-    variants = (tl.Variant("zoo recipe", steps=4), tl.Variant("white on black", steps=4, invert=True))
+    variants = (tl.Variant("zoo recipe", steps=4), tl.Variant("white on black", steps=4, invert=True),
+                tl.Variant("head trained", steps=4, lr=1e-3, train_head=True))
     out = tmp_path / "learn.json"
     doc = tl.run_learnability(["rendered_sst2"], variants, "smoke", out, root, show_progress=False)
-    assert [r["variant"]["name"] for r in doc["rows"]] == ["zoo recipe", "white on black"]
+    assert [r["variant"]["name"] for r in doc["rows"]] == ["zoo recipe", "white on black", "head trained"]
+    assert [r["lr"] for r in doc["rows"]] == [1e-4, 1e-4, 1e-3]               # smoke's lr unless the variant sets one
     for r in doc["rows"]:
         assert 0.0 <= r["probe"] <= 1.0 and 0.0 <= r["finetuned"] <= 1.0
         assert r["gain"] == pytest.approx(r["finetuned"] - r["probe"])
