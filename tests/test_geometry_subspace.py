@@ -199,8 +199,9 @@ def _designed_spectrum(s: torch.Tensor, m: int, n: int, seed: int) -> torch.Tens
 
 @pytest.mark.parametrize("case", ["near_tie", "flat"])
 def test_unconverged_matrices_take_the_exact_svd(case: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Step S5: where five steps cannot settle the k-th direction (s_k / s_(k+1) = 1.0005, or a
-    linear spectrum), the result is the exact top-k; with the check disabled it is not."""
+    """Step S5: where even ten steps cannot settle the k-th direction (s_k / s_(k+1) = 1.0005 on a
+    slow spectrum, or a linear spectrum), the result is the exact top-k; with the check disabled
+    it is not."""
     k = 30
     if case == "near_tie":
         s = torch.arange(1, 301, dtype=torch.float64).pow(-0.3)
@@ -237,3 +238,27 @@ def test_loss_estimate_is_exact_for_a_known_rotation() -> None:
     r = float(torch.linalg.norm(G @ v - v * theta))
     assert float(est) == pytest.approx(r ** 2 / (float(theta) - 1.0) ** 2)
     assert float(est) >= math.sin(phi) ** 2                                  # it bounds the true loss here
+
+
+def test_flagged_matrices_get_more_steps_before_the_exact_svd(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Step S5's first remedy: a near-tie (s_k / s_(k+1) = 1.001) on a faster spectrum is flagged
+    after five steps and settled by the extra steps, without an exact SVD; with no extra steps
+    it takes the exact SVD."""
+    k = 30
+    s = torch.arange(1, 301, dtype=torch.float64).pow(-0.5)
+    s[k] = s[k - 1] / 1.001
+    m = _designed_spectrum(s, 400, 300, 0)
+    calls: list[tuple[bool, int]] = []
+    ritz = geo._ritz
+
+    def spy(*a, **kw):  # type: ignore[no-untyped-def]
+        out = ritz(*a, **kw)
+        calls.append((bool(kw.get("strict", False)), int(out[3].sum())))
+        return out
+
+    monkeypatch.setattr(geo, "_ritz", spy)
+    fast, exact = top_k_svd(m, k, "subspace"), top_k_svd(m, k, "exact")
+    assert calls == [(False, 1), (True, 0)]                       # flagged, then converged
+    assert not torch.equal(fast[1], exact[1]) and _affinity(fast, exact) >= 0.9999
+    monkeypatch.setattr(geo, "SUBSPACE_EXTRA_STEPS", 0)
+    assert all(torch.equal(x, y) for x, y in zip(top_k_svd(m, k, "subspace"), exact, strict=True))
