@@ -67,7 +67,26 @@ def ceiling_table(ceilings: Sequence[Mapping[str, Any]], report: Mapping[str, An
     return markdown_table(labels, list(cols.values()), corner="task")
 
 
-def zoo_chapter_markdown(reports: Mapping[str, Mapping[str, Any]], ceilings: Mapping[str, Any] | None) -> str:
+def learnability_table(doc: Mapping[str, Any]) -> str:
+    """Fine-tuning a rendered-text task under variants (:mod:`madeit_core.text_learnability`)."""
+    heads = ("rows (probe + fine-tune)", "steps", "lr", "chars shown", "probe", "fine-tuned", "gain",
+             "±95 %", "train acc. (last fifth)", "seconds")
+    cols = {h: Column(h) for h in heads}
+    labels = []
+    for r in doc["rows"]:
+        t = f"{r['task']}: {r['variant']['name']}"
+        labels.append(t)
+        vals = (f"{r['rows']['probe']} + {r['rows']['finetune']}", str(r["steps"]), f"{r['lr']:g}",
+                f"{r['chars_shown_mean']:.0f}", f"{100 * r['probe']:.1f}", f"{100 * r['finetuned']:.1f}",
+                f"{100 * r['gain']:+.1f}", f"{100 * r['noise95']:.1f}", f"{100 * r['train_accuracy_last_fifth']:.1f}",
+                f"{r['seconds']:.0f}")
+        for h, v in zip(heads, vals, strict=True):
+            cols[h].cells[t] = v
+    return markdown_table(labels, list(cols.values()), corner="task: variant")
+
+
+def zoo_chapter_markdown(reports: Mapping[str, Mapping[str, Any]], ceilings: Mapping[str, Any] | None,
+                         learnability: Mapping[str, Any] | None = None) -> str:
     """The include of the benchmark chapter: the largest group's table, the group averages and
     checks, and the reading ceilings."""
     if not reports:
@@ -104,7 +123,16 @@ def zoo_chapter_markdown(reports: Mapping[str, Mapping[str, Any]], ceilings: Map
                 f"{ceilings.get('profile', big['profile'])}`; source `results/zoo/reading_ceiling-"
                 f"{ceilings.get('profile', big['profile'])}.json`):",
                 "", ceiling_table(ceilings["tasks"], big)]
+    if learnability and learnability.get("rows"):
+        prof = learnability.get("profile", big["profile"])
+        out += ["", "(zoo-text-learnability)=",
+                "**Does the encoder learn to read with more?** The zoo's own procedure (probe on θ0's "
+                "features, then fine-tuning with head and BatchNorm frozen) with one change each, scored "
+                f"on the whole test pool (`madeit data learnability --profile {prof}`; source "
+                f"`results/zoo/text_learnability-{prof}.json`; the last row trains the head too, which "
+                "the protocol does not: a diagnostic). Accuracies in %:",
+                "", learnability_table(learnability)]
     return "\n".join(out) + "\n"
 
 
-__all__ = ["ceiling_table", "gain_noise", "zoo_chapter_markdown", "zoo_table"]
+__all__ = ["ceiling_table", "gain_noise", "learnability_table", "zoo_chapter_markdown", "zoo_table"]

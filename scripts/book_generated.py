@@ -20,10 +20,13 @@ TARGET = ROOT / "book" / "_generated" / "zoo.md"
 
 
 def zoo_include(results: Path = ROOT / "results" / "zoo") -> str:
-    reports = {f.stem: read_json(f) for f in sorted(results.glob("*.json")) if not f.stem.startswith("reading_ceiling")}
+    extra = ("reading_ceiling", "text_learnability")
+    reports = {f.stem: read_json(f) for f in sorted(results.glob("*.json")) if not f.stem.startswith(extra)}
     ceiling_files = sorted(results.glob("reading_ceiling-*.json"))
     ceilings = read_json(ceiling_files[0]) if ceiling_files else None
-    return zoo_chapter_markdown(reports, ceilings)
+    learn_files = sorted(results.glob("text_learnability-*.json"))
+    learnability = read_json(learn_files[0]) if learn_files else None
+    return zoo_chapter_markdown(reports, ceilings, learnability)
 
 
 def main(argv: list[str] | None = None) -> int:

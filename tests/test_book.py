@@ -134,3 +134,17 @@ def test_zoo_tables_flag_gains_inside_the_noise() -> None:
     assert "-2.0 (in noise)" in lines["noise"]
     assert "**+9.00**" in lines["**average**"]
     assert abs(gain_noise(0.5, 0.5, 250) - 1.96 * (0.5 / 250) ** 0.5) < 1e-12
+
+
+def test_learnability_table_shows_each_variant_with_its_gain() -> None:
+    from madeit_core.zoo_tables import learnability_table
+
+    def row(name: str, probe: float, ft: float, steps: int) -> dict:
+        return {"task": "rendered_sst2", "variant": {"name": name}, "rows": {"probe": 450, "finetune": 1050},
+                "steps": steps, "lr": 3e-4, "chars_shown_mean": 51.2, "probe": probe, "finetuned": ft,
+                "gain": ft - probe, "noise95": 0.047, "train_accuracy_last_fifth": 0.6, "seconds": 100.0}
+
+    table = learnability_table({"rows": [row("zoo recipe", 0.523, 0.49, 300), row("more", 0.5, 0.61, 1200)]})
+    lines = {ln.split("|")[1].strip(): ln.split("|") for ln in table.splitlines()[2:]}
+    assert [c.strip() for c in lines["rendered_sst2: zoo recipe"][5:9]] == ["51", "52.3", "49.0", "-3.3"]
+    assert lines["rendered_sst2: more"][8].strip() == "+11.0" and lines["rendered_sst2: more"][3].strip() == "1200"
