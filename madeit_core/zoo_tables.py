@@ -69,8 +69,7 @@ def ceiling_table(ceilings: Sequence[Mapping[str, Any]], report: Mapping[str, An
 
 def learnability_table(doc: Mapping[str, Any]) -> str:
     """Fine-tuning a rendered-text task under variants (:mod:`madeit_core.text_learnability`)."""
-    heads = ("rows (probe + fine-tune)", "steps", "lr", "chars shown", "probe", "fine-tuned", "gain",
-             "±95 %", "train acc. (last fifth)", "seconds")
+    heads = ("rows", "steps", "lr", "chars", "probe", "tuned", "gain", "train")
     cols = {h: Column(h) for h in heads}
     labels = []
     for r in doc["rows"]:
@@ -78,8 +77,8 @@ def learnability_table(doc: Mapping[str, Any]) -> str:
         labels.append(t)
         vals = (f"{r['rows']['probe']} + {r['rows']['finetune']}", str(r["steps"]), f"{r['lr']:g}",
                 f"{r['chars_shown_mean']:.0f}", f"{100 * r['probe']:.1f}", f"{100 * r['finetuned']:.1f}",
-                f"{100 * r['gain']:+.1f}", f"{100 * r['noise95']:.1f}", f"{100 * r['train_accuracy_last_fifth']:.1f}",
-                f"{r['seconds']:.0f}")
+                f"{100 * r['gain']:+.1f} (±{100 * r['noise95']:.1f})",
+                f"{100 * r['train_accuracy_last_fifth']:.1f}")
         for h, v in zip(heads, vals, strict=True):
             cols[h].cells[t] = v
     return markdown_table(labels, list(cols.values()), corner="task: variant")
@@ -130,7 +129,9 @@ def zoo_chapter_markdown(reports: Mapping[str, Mapping[str, Any]], ceilings: Map
                 "features, then fine-tuning with head and BatchNorm frozen) with one change each, scored "
                 f"on the whole test pool (`madeit data learnability --profile {prof}`; source "
                 f"`results/zoo/text_learnability-{prof}.json`; the last row trains the head too, which "
-                "the protocol does not: a diagnostic). Accuracies in %:",
+                "the protocol does not: a diagnostic). Accuracies in %; *rows*: probe + fine-tuning rows; "
+                "*chars*: characters shown per test image; *gain* with its 95 % noise half-width; *train*: "
+                "running training accuracy over the last fifth of fine-tuning:",
                 "", learnability_table(learnability)]
     return "\n".join(out) + "\n"
 

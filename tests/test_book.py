@@ -146,5 +146,6 @@ def test_learnability_table_shows_each_variant_with_its_gain() -> None:
 
     table = learnability_table({"rows": [row("zoo recipe", 0.523, 0.49, 300), row("more", 0.5, 0.61, 1200)]})
     lines = {ln.split("|")[1].strip(): ln.split("|") for ln in table.splitlines()[2:]}
-    assert [c.strip() for c in lines["rendered_sst2: zoo recipe"][5:9]] == ["51", "52.3", "49.0", "-3.3"]
-    assert lines["rendered_sst2: more"][8].strip() == "+11.0" and lines["rendered_sst2: more"][3].strip() == "1200"
+    assert [c.strip() for c in lines["rendered_sst2: zoo recipe"][5:9]] == ["51", "52.3", "49.0", "-3.3 (±4.7)"]
+    more = lines["rendered_sst2: more"]
+    assert more[8].strip() == "+11.0 (±4.7)" and more[3].strip() == "1200"
