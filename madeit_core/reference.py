@@ -84,6 +84,22 @@ def load_manifest(folder: Path, params: Mapping[str, Any], lib: str, allow_code_
     return m
 
 
+def merged_scope(manifest: Mapping[str, Any], params: Mapping[str, Any], notebooks: Sequence[str] | None
+                 ) -> dict[str, list[Any]]:
+    """The groups, seeds and notebooks a reference folder covers after one more invocation: the
+    union of what the manifest already lists and what this one runs (groups in the profile's order,
+    seeds ascending). An invocation limited to one group or notebook must not hide the others'
+    committed results from the book, which reads the manifest's groups and seeds."""
+    from madeit_core.profiles import PROFILES
+
+    order = list(PROFILES[params["profile"]].groups) if params.get("profile") in PROFILES else []
+    seen = list(dict.fromkeys([*manifest.get("groups", []), *params["groups"]]))
+    groups = sorted(seen, key=lambda g: (order.index(g) if g in order else len(order), seen.index(g)))
+    seeds = sorted({int(x) for x in [*manifest.get("seeds", []), *params["seeds"]]})
+    nbs = list(dict.fromkeys([*manifest.get("notebooks", []), *(notebooks or NOTEBOOKS)]))
+    return {"groups": groups, "seeds": seeds, "notebooks": nbs}
+
+
 def run_reference(params: Mapping[str, Any], out: str | os.PathLike[str], notebooks: Sequence[str] | None = None,
                   allow_code_change: bool = False, analysis: bool = True, show_progress: bool = True,
                   command: Sequence[str] | None = None) -> dict[str, Any]:
@@ -98,11 +114,11 @@ def run_reference(params: Mapping[str, Any], out: str | os.PathLike[str], notebo
     manifest = load_manifest(folder, params, lib, allow_code_change)
     device = resolve_device(params.get("device", "auto"))
     jobs = reference_jobs(params, notebooks)
-    manifest.update({"groups": list(params["groups"]), "seeds": list(params["seeds"]),
-                     "command": list(command) if command is not None else list(sys.argv),
-                     "git_commit": git_commit(), "hardware": hardware(), "device": device,
-                     "python": platform.python_version(),
-                     "notebooks": list(notebooks) if notebooks else list(NOTEBOOKS)})
+    cmd = list(command) if command is not None else list(sys.argv)
+    manifest.update(merged_scope(manifest, params, notebooks))
+    manifest.setdefault("commands", []).append(cmd)
+    manifest.update({"command": cmd, "git_commit": git_commit(), "hardware": hardware(), "device": device,
+                     "python": platform.python_version()})
     total = sum(len(j.runs) * len(j.seeds) for j in jobs)
     benches: dict[str, tuple[Any, list[str]]] = {}
 

@@ -318,3 +318,21 @@ def test_reference_runs_cheapest_methods_first() -> None:
     assert len(order) == sum(len(j.runs) * len(j.seeds) for j in reference_jobs(p))
     first = [(j.group, run.method, r) for j, run, r in order[:2]]
     assert first == [("toy-4", "pretrained", 0), ("toy-4", "individual", 0)]
+
+
+def test_reference_manifest_scope_accumulates_over_invocations() -> None:
+    """A run limited to one group must not drop the other groups from the manifest (the book reads
+    the manifest's groups and seeds to find the committed results)."""
+    from madeit_core.reference import merged_scope
+
+    first = merged_scope({}, {"profile": "offline", "groups": ["offline-8", "offline-14", "offline-20"],
+                              "seeds": [42, 43]}, ["table1_acc_bwt"])
+    assert first == {"groups": ["offline-8", "offline-14", "offline-20"], "seeds": [42, 43],
+                     "notebooks": ["table1_acc_bwt"]}
+    later = merged_scope(first, {"profile": "offline", "groups": ["offline-8"], "seeds": [44, 42]},
+                         ["fig2_allocation"])
+    assert later == {"groups": ["offline-8", "offline-14", "offline-20"], "seeds": [42, 43, 44],
+                     "notebooks": ["table1_acc_bwt", "fig2_allocation"]}
+    out_of_order = merged_scope({"groups": ["offline-20"]}, {"profile": "offline", "groups": ["offline-8"],
+                                                             "seeds": [42]}, None)
+    assert out_of_order["groups"] == ["offline-8", "offline-20"]        # the profile's order
