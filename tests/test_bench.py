@@ -223,6 +223,9 @@ def test_svd_suite_on_real_checkpoints(tmp_path: Path) -> None:
     assert B._setting_key(None, 4) in t["other_settings"] and default in t["other_settings"]
     assert all(c["gram"]["affinity"] > 0.999 for c in real["cases"])
     assert all(c["subspace"][0]["library_default"] and c["subspace"][0]["affinity"] > 0.99 for c in real["cases"])
+    # the many real cases are stored compact: no derivable FLOP bounds, 6 significant digits
+    assert "exact_flops" not in real["cases"][0] and "flops" not in real["cases"][0]["gram"] and real["cases_note"]
+    assert all(float(f"{c['exact_s']:.6g}") == c["exact_s"] for c in real["cases"])
     save_tensors(tmp_path / "other.safetensors", {"w": torch.zeros(2, 2)})
     bad = B.BenchSettings.make(suites=["svd"], shapes=["tiny-cnn"], quick=True, device="cpu",
                                finetuned=[str(tmp_path / "other.safetensors")])
