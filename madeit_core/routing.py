@@ -70,7 +70,8 @@ AnchorRule = Literal["experts", "signed"]
 ANCHOR_RULES: tuple[str, ...] = ("experts", "signed")
 
 
-def _check_anchor(anchor: str) -> None:
+def check_anchor_rule(anchor: str) -> None:
+    """Raise a clear error for an anchor rule other than :data:`ANCHOR_RULES`."""
     if anchor not in ANCHOR_RULES:
         raise MergeInputError(f"unknown anchor rule {anchor!r} ({', '.join(ANCHOR_RULES)})")
 
@@ -121,7 +122,7 @@ def route_path(scores: Mapping[str, Sequence[float]], task_sets: Mapping[str, Se
     whose input has a negative entry, ``signed[m]``, first; a module missing there counts as
     signed; then the paper's order; see the module docstring).
     """
-    _check_anchor(anchor_rule)
+    check_anchor_rule(anchor_rule)
     depth = {m: i for i, m in enumerate(module_order)}
     sign = {m: True if signed is None else bool(signed.get(m, True)) for m in module_order}
     cands: dict[str, list[int]] = {m: list(range(len(task_sets[m]))) for m in module_order}
@@ -181,7 +182,7 @@ def route_batch(scores: Mapping[str, torch.Tensor], task_sets: Mapping[str, Sequ
     (a module missing from it counts as signed). With ``signed`` the anchor itself may differ
     between the samples of a state; they are split by anchor before the argmax.
     """
-    _check_anchor(anchor_rule)
+    check_anchor_rule(anchor_rule)
     depth = {m: i for i, m in enumerate(module_order)}
     sets = {m: [frozenset(a) for a in task_sets[m]] for m in module_order}
     for m in module_order:
@@ -267,7 +268,7 @@ def anchor_modules(task_sets: Mapping[str, Sequence[Collection[str]]], module_or
     A bank whose first anchor has one expert per task fixes C to a single task at once, resolving
     every other module: the set is that one module.
     """
-    _check_anchor(anchor_rule)
+    check_anchor_rule(anchor_rule)
     sets = {m: [frozenset(a) for a in task_sets[m]] for m in module_order}
     multi = frozenset(m for m in module_order if len(sets[m]) > 1)
     if anchor_rule == "signed" or not multi:
@@ -348,7 +349,7 @@ class RoutedModel(nn.Module):
         super().__init__()
         if grouping not in ("module", "path"):
             raise MergeInputError(f"unknown grouping {grouping!r} (module, path)")
-        _check_anchor(anchor)
+        check_anchor_rule(anchor)
         self.anchor: AnchorRule = anchor
         self.grouping: Grouping = grouping
         self.model = copy.deepcopy(pretrained) if copy_model else pretrained

@@ -86,14 +86,15 @@ def _rows(mirror: Mirror, base: str, split: str, cap: int, size: int, font_frac:
 
 
 def run_variant(task: str, v: Variant, profile: str = "offline", mirror: str | os.PathLike[str] | None = None,
-                device: str = "cpu", show_progress: bool = True) -> dict[str, Any]:
-    """The zoo's probe and fine-tuning for ``task`` under variant ``v``; accuracies on the test pool."""
+                device: str = "cpu", show_progress: bool = True, zoo: Any = None) -> dict[str, Any]:
+    """The zoo's probe and fine-tuning for ``task`` under variant ``v``; accuracies on the test pool.
+    ``zoo``: a :class:`madeit_core.zoo.Zoo` of ``profile`` to reuse (θ0 is loaded once per run)."""
     from madeit_core.zoo import Zoo, cache_root, evaluate_rows, features, finetune, fit_probe, probe_rows
 
     if task not in TEXT_BASES:
         raise MergeInputError(f"text learnability: {task!r} is not a rendered-text task ({sorted(TEXT_BASES)})")
     t_start = time.perf_counter()
-    zoo = Zoo(profile, device=device, show_progress=False, data=mirror)
+    zoo = zoo if zoo is not None else Zoo(profile, device=device, show_progress=False, data=mirror)
     p = zoo.profile
     m = Mirror(mirror)
     cap = v.train_cap or p.train_cap
@@ -103,8 +104,7 @@ def run_variant(task: str, v: Variant, profile: str = "offline", mirror: str | o
                                  v.invert)
     seed = zoo.task_seed(task)
     model = copy.deepcopy(zoo.theta0).to(device)
-    n_probe = probe_rows(len(y_tr), p.probe_fraction) if v.train_cap is None else probe_rows(p.train_cap,
-                                                                                              p.probe_fraction)
+    n_probe = probe_rows(min(p.train_cap, len(y_tr)), p.probe_fraction)     # the zoo's probe rows, whatever the cap
     z = features(model, x_tr[:n_probe], zoo.preprocess, device, p.eval_batch)
     head, probe_report = fit_probe(z, torch.from_numpy(y_tr[:n_probe]), len(m.meta(TEXT_BASES[task]).classes),
                                    p.probe_l2, p.probe_holdout, seed)
@@ -152,14 +152,14 @@ def run_learnability(tasks: list[str], variants: tuple[Variant, ...] = DEFAULT_V
     done = {r["key"] for r in doc["rows"]}
     from madeit_core.zoo import Zoo
 
-    theta0_hash = Zoo(profile, device=device, show_progress=False, data=mirror).theta0_hash
+    zoo = Zoo(profile, device=device, show_progress=False, data=mirror)
     for task in tasks:
         for v in variants:
-            if variant_key(task, profile, v, theta0_hash) in done:
+            if variant_key(task, profile, v, zoo.theta0_hash) in done:
                 log.info("text learnability: %s / %s already measured", task, v.name)
                 continue
             log.info("text learnability: %s / %s", task, v.name)
-            row = run_variant(task, v, profile, mirror, device, show_progress)
+            row = run_variant(task, v, profile, mirror, device, show_progress, zoo)
             doc["rows"].append(row)
             if path is not None:
                 write_json(path, doc)

@@ -13,11 +13,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from madeit_core.errors import MergeInputError
 from madeit_core.experts import EvolutionConfig, ExpertBank
 from madeit_core.methods import register
 from madeit_core.methods.base import ContinualMethod, MergeContext
-from madeit_core.routing import ANCHOR_RULES, Aggregation, AnchorRule, RoutedModel
+from madeit_core.routing import Aggregation, AnchorRule, RoutedModel, check_anchor_rule
 from madeit_core.statedict import StateDict
 
 
@@ -34,8 +33,7 @@ class MadeIt(ContinualMethod):
 
     def __init__(self, aggregation: Aggregation = "mean", anchor: AnchorRule = "experts", **evolution: Any) -> None:
         super().__init__()
-        if anchor not in ANCHOR_RULES:
-            raise MergeInputError(f"unknown anchor rule {anchor!r} ({', '.join(ANCHOR_RULES)})")
+        check_anchor_rule(anchor)
         self.config = EvolutionConfig(**evolution)
         self.aggregation: Aggregation = aggregation
         self.anchor: AnchorRule = anchor
