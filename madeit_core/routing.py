@@ -552,8 +552,16 @@ class RoutedModel(nn.Module):
 
 def _add_lowrank(output: torch.Tensor, h: torch.Tensor, groups: Sequence[tuple[Expert, torch.Tensor | None]],
                  kind: str) -> torch.Tensor:
-    """output + U diag(s) Vᵀ h for each (expert, sample rows) group (rows None: all samples)."""
+    """output + U diag(s) Vᵀ h for each (expert, sample rows) group (rows None: all samples).
+
+    The module's output is copied once and the groups are added into the copy in place (an
+    out-of-place ``index_add`` per group copied the whole activation once per group: about a
+    fifth of routed evaluation time on EfficientNet with several paths per batch). The copy keeps
+    the output's memory format (channels-last convolution outputs stay channels-last, which the
+    next layers run faster on; the old out-of-place sum made them contiguous, so features agree
+    with it only to rounding, about 3e-5 on EfficientNet features of size 6)."""
     with timed("lowrank_apply"):
+        out: torch.Tensor | None = None
         for e, rows in groups:
             hs = h if rows is None else h.index_select(0, rows)
             if kind == "conv1x1":
@@ -561,11 +569,16 @@ def _add_lowrank(output: torch.Tensor, h: torch.Tensor, groups: Sequence[tuple[E
                 upd = torch.einsum("bkhw,ok->bohw", z, e.U)
             else:
                 upd = ((hs @ e.V) * e.s) @ e.U.T
+            if out is None:
+                if rows is None:
+                    out = output + upd
+                    continue
+                out = output.clone()
             if rows is None:
-                output = output + upd
+                out.add_(upd)
             else:
-                output = output.index_add(0, rows, upd)
-        return output
+                out.index_add_(0, rows, upd)
+        return output if out is None else out
 
 
 def wrap(pretrained: nn.Module, bank: ExpertBank, aggregation: Aggregation = "mean",

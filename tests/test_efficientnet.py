@@ -82,3 +82,29 @@ def test_encoder_and_modules() -> None:
     assert [s.depth for s in specs] == sorted(s.depth for s in specs)
     sd = {"module._fc.weight": torch.zeros(1), "module._conv_stem.weight": torch.zeros(1)}
     assert set(adapter.normalise_keys(sd)) == {"_conv_stem.weight"}
+
+
+@pytest.mark.parametrize("size", [15, 16, 17])
+@pytest.mark.parametrize("kernel, stride", [(3, 1), (5, 1), (3, 2), (5, 2)])
+def test_same_padding_shortcut_is_exact(kernel: int, stride: int, size: int) -> None:
+    """SameConv2d's TF "SAME" padding: the symmetric shortcut (conv's own padding) and the padded
+    copy give the same numbers bit for bit, in both memory formats, and the shapes TF gives."""
+    import math
+
+    import torch.nn.functional as F
+
+    from madeit_core.backbones.efficientnet import SameConv2d
+
+    torch.manual_seed(0)
+    conv = SameConv2d(8, 8, kernel, stride=stride, groups=8).eval()
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        x = torch.randn(4, 8, size, size + 1).contiguous(memory_format=fmt)
+        pads = []
+        for n in (x.shape[-1], x.shape[-2]):
+            total = max((math.ceil(n / stride) - 1) * stride + kernel - n, 0)
+            pads += [total // 2, total - total // 2]
+        with torch.no_grad():
+            want = F.conv2d(F.pad(x, pads), conv.weight, None, stride, 0, 1, 8)
+            got = conv(x)
+        assert got.shape == (4, 8, math.ceil(size / stride), math.ceil((size + 1) / stride))
+        assert torch.equal(got, want)

@@ -163,3 +163,46 @@ def test_weights_restored_when_a_module_fails(separate: tuple[ToyBenchmark, obje
         routed.forward_with_paths(x, paths[:-1])
     with pytest.raises(MergeInputError, match="grouping"):
         RoutedModel(bench.pretrained(), m.bank, grouping="nope")  # type: ignore[arg-type, attr-defined]
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1x1"])
+def test_add_lowrank_groups_in_one_copy(kind: str) -> None:
+    """_add_lowrank adds each group's U diag(s) Vᵀh to its rows: the same numbers as summing
+    group by group out of place, the module's own output untouched, its memory format kept."""
+    from madeit_core.experts import Expert
+    from madeit_core.routing import _add_lowrank
+
+    g = torch.Generator().manual_seed(0)
+    d_in, d_out, k, B = 6, 5, 2, 7
+
+    def expert() -> Expert:
+        return Expert(torch.randn(d_out, k, generator=g), torch.rand(k, generator=g),
+                      torch.randn(d_in, k, generator=g), ["t"])
+
+    if kind == "conv1x1":
+        h = torch.randn(B, d_in, 3, 4, generator=g).contiguous(memory_format=torch.channels_last)
+        output = torch.randn(B, d_out, 3, 4, generator=g).contiguous(memory_format=torch.channels_last)
+    else:
+        h, output = torch.randn(B, 3, d_in, generator=g), torch.randn(B, 3, d_out, generator=g)
+    before = output.clone()
+    e0, e1, e2 = expert(), expert(), expert()
+    rows1, rows2 = torch.tensor([0, 2, 5]), torch.tensor([1, 3, 4, 6])
+
+    def upd(e: Expert, x: torch.Tensor) -> torch.Tensor:
+        if kind == "conv1x1":
+            return torch.einsum("ok,bkhw->bohw", e.U * e.s, torch.einsum("ck,bchw->bkhw", e.V, x))
+        return (x @ e.V) * e.s @ e.U.T
+
+    for groups in ([(e0, None)], [(e1, rows1), (e2, rows2)], [(e0, None), (e1, rows1), (e2, rows2)]):
+        want = before.clone()
+        for e, rows in groups:
+            if rows is None:
+                want = want + upd(e, h)
+            else:
+                want = want.index_add(0, rows, upd(e, h[rows]))
+        got = _add_lowrank(output, h, groups, kind)
+        assert torch.allclose(got, want, atol=1e-5)
+        assert torch.equal(output, before)
+        if kind == "conv1x1" and groups[0][1] is not None:
+            assert got.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(_add_lowrank(output, h, [], kind), output)
