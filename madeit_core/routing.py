@@ -59,10 +59,12 @@ from typing import Literal
 import torch
 from torch import nn
 
+from madeit_core.activation_cache import ActivationCache
 from madeit_core.errors import MergeInputError
 from madeit_core.experts import ExpertBank
 from madeit_core.geometry import Expert
 from madeit_core.modules import ModuleSpec
+from madeit_core.statedict import state_fingerprint
 from madeit_core.timing import timed
 
 Aggregation = Literal["mean", "cls", "token_mean"]
@@ -345,7 +347,8 @@ class RoutedModel(nn.Module):
     """
 
     def __init__(self, pretrained: nn.Module, bank: ExpertBank, aggregation: Aggregation = "mean",
-                 copy_model: bool = True, grouping: Grouping = "module", anchor: AnchorRule = "experts") -> None:
+                 copy_model: bool = True, grouping: Grouping = "module", anchor: AnchorRule = "experts",
+                 activation_cache: ActivationCache | None = None, theta0_tag: str | None = None) -> None:
         super().__init__()
         if grouping not in ("module", "path"):
             raise MergeInputError(f"unknown grouping {grouping!r} (module, path)")
@@ -362,6 +365,7 @@ class RoutedModel(nn.Module):
         if missing:
             raise MergeInputError(f"model has no module(s) {missing[:5]} named in the bank")
         self._mods = {s.key: named[s.name] for s in self.specs}
+        self._kinds = {s.key: s.kind for s in self.specs}
         device = next(self.model.parameters()).device
         self._experts: dict[str, list[Expert]] = {}
         for s in self.specs:
@@ -393,6 +397,10 @@ class RoutedModel(nn.Module):
         self._others_pre = {k: sd[k].detach().clone() for k in delta}
         self._others_merged = {k: (sd[k].to(delta[k].dtype) + delta[k].to(sd[k].device)).to(sd[k].dtype)
                                for k in delta}
+        self.activation_cache = activation_cache if activation_cache is not None and activation_cache.enabled else None
+        self.theta0_tag = theta0_tag
+        if self.activation_cache is not None and self.theta0_tag is None:
+            self.theta0_tag = state_fingerprint(sd)   # the weights of the pre-trained pass
         self._route_log: list[frozenset[str]] = []
         self.path_counts: list[int] = []
         self.dense_modules: list[int] = []
@@ -423,23 +431,41 @@ class RoutedModel(nn.Module):
 
         :attr:`fpa_modules` (:func:`anchor_modules`, computed once per bank when the model is built)
         holds the modules that can anchor some input's path; routing never reads the others' FPA,
-        so they are neither recorded nor scored. With ``anchor="signed"`` it is every multi-expert
-        module, and :attr:`last_signed` gets a [B] bool tensor per such module: whether the
-        sample's input to that module has a negative entry."""
+        so they are neither recorded nor scored, and with none (every module has one expert) the
+        pass is skipped. With ``anchor="signed"`` it is every multi-expert module, and
+        :attr:`last_signed` gets a [B] bool tensor per such module: whether the sample's input to
+        that module has a negative entry.
+
+        With an :class:`~madeit_core.activation_cache.ActivationCache`, a batch seen before (same
+        θ0, same bytes) is scored from the module inputs the pass recorded then, without a pass;
+        a pass that runs records every module input the cache will hold."""
         out: dict[str, torch.Tensor] = {}
         signed: dict[str, torch.Tensor] = {}
         self.last_signed = signed
+        if not self._fpa_bases:
+            return out
+        cache, batch = self.activation_cache, None
+        if cache is not None:
+            assert self.theta0_tag is not None
+            batch = cache.batch_key(f"{self.theta0_tag}|{x.device}", x)
+            hit = cache.get(batch, self._fpa_bases)
+            if hit is not None:
+                for key, h in hit.items():
+                    self._score_module(key, h, out, signed)
+                return out
+        recorded: dict[str, torch.Tensor] = {}
         handles = []
         for s in self.specs:
-            if s.key not in self._fpa_bases:
+            scored = s.key in self._fpa_bases
+            if not scored and cache is None:
                 continue
 
-            def hook(mod: nn.Module, inp: tuple[torch.Tensor, ...], key: str = s.key, kind: str = s.kind) -> None:
-                with timed("fpa"):
-                    V_cat, seg = self._fpa_bases[key]
-                    out[key] = fpa_many(_tokens(inp[0], kind), V_cat, seg, self.aggregation)
-                    if self.anchor == "signed":
-                        signed[key] = (inp[0].detach() < 0).flatten(1).any(dim=1).cpu()
+            def hook(mod: nn.Module, inp: tuple[torch.Tensor, ...], key: str = s.key, scored: bool = scored) -> None:
+                h = inp[0]
+                if cache is not None and h.numel() * h.element_size() <= cache.max_entry_bytes:
+                    recorded[key] = h.detach().clone()   # a later in-place op must not change it
+                if scored:
+                    self._score_module(key, h, out, signed)
 
             handles.append(self._mods[s.key].register_forward_pre_hook(hook))
         try:
@@ -449,7 +475,18 @@ class RoutedModel(nn.Module):
         finally:
             for h in handles:
                 h.remove()
+        if cache is not None and batch is not None:
+            cache.put(batch, recorded)
         return out
+
+    def _score_module(self, key: str, h: torch.Tensor, out: dict[str, torch.Tensor],
+                      signed: dict[str, torch.Tensor]) -> None:
+        """FPA of module ``key``'s experts on its θ0 input ``h`` (and, for ``signed``, the sign record)."""
+        with timed("fpa"):
+            V_cat, seg = self._fpa_bases[key]
+            out[key] = fpa_many(_tokens(h, self._kinds[key]), V_cat, seg, self.aggregation)
+            if self.anchor == "signed":
+                signed[key] = (h.detach() < 0).flatten(1).any(dim=1).cpu()
 
     def route(self, x: torch.Tensor) -> tuple[list[tuple[int, ...]], list[frozenset[str]]]:
         """Paths (one expert index per module, in bank order) and constraint sets per sample."""

@@ -8,6 +8,7 @@ the input dtype.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping
 
 import torch
@@ -121,3 +122,14 @@ def cast_like(values: Mapping[str, torch.Tensor], reference: Mapping[str, torch.
 
 def float_keys(sd: Mapping[str, torch.Tensor]) -> list[str]:
     return [k for k, v in sd.items() if v.is_floating_point()]
+
+
+def state_fingerprint(sd: Mapping[str, torch.Tensor]) -> str:
+    """sha256 over the sorted keys, dtypes, shapes and bytes of a state dict."""
+    h = hashlib.sha256()
+    for k in sorted(sd):
+        t = sd[k].detach().cpu().contiguous()
+        h.update(f"{k}|{t.dtype}|{tuple(t.shape)}|".encode())
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()

@@ -24,7 +24,14 @@ from torch import nn
 
 from madeit_core.errors import MergeInputError
 from madeit_core.modules import ModuleSpec, discover_modules
-from madeit_core.statedict import ModelLike, StateDict, as_state_dict, check_compatible, check_pretrained
+from madeit_core.statedict import (
+    ModelLike,
+    StateDict,
+    as_state_dict,
+    check_compatible,
+    check_pretrained,
+    state_fingerprint,
+)
 from madeit_core.timing import timed
 
 # features (B × D) -> logits (B × C) for one task; a frozen, task-specific classification head.
@@ -175,17 +182,6 @@ class ContinualMethod(ABC):
     @property
     def module_keys(self) -> list[str]:
         return [m.key for m in self.ctx.modules]
-
-
-def state_fingerprint(sd: Mapping[str, torch.Tensor]) -> str:
-    """sha256 over the sorted keys, dtypes, shapes and bytes of a state dict."""
-    h = hashlib.sha256()
-    for k in sorted(sd):
-        t = sd[k].detach().cpu().contiguous()
-        h.update(f"{k}|{t.dtype}|{tuple(t.shape)}|".encode())
-        if t.numel():
-            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
 
 
 class StaticMergeMethod(ContinualMethod):

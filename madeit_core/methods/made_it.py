@@ -1,7 +1,9 @@
 """MADE-IT (the paper): manifold-aware expert evolution with implicit routing. Data-free.
 
 Absorbing a model runs one step of expert evolution (:mod:`madeit_core.experts`); the model to
-evaluate is θ0 wrapped with the bank for routed inference (:mod:`madeit_core.routing`).
+evaluate is θ0 wrapped with the bank for routed inference (:mod:`madeit_core.routing`), sharing
+the process-wide :func:`~madeit_core.activation_cache.shared_activation_cache` (on the CPU:
+θ0's module inputs on batches seen before; results identical with it off, ``MADEIT_ACTIVATION_CACHE_MB=0``).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from madeit_core.activation_cache import shared_activation_cache
 from madeit_core.experts import EvolutionConfig, ExpertBank
 from madeit_core.methods import register
 from madeit_core.methods.base import ContinualMethod, MergeContext
@@ -53,8 +56,11 @@ class MadeIt(ContinualMethod):
     def merged_model(self) -> nn.Module:
         assert self.bank is not None and self.pretrained is not None
         if self._routed is None:
+            on_cpu = torch.device(self.ctx.device).type == "cpu"
+            cache = shared_activation_cache() if on_cpu else None
             self._routed = RoutedModel(self.pretrained.to(self.ctx.device), self.bank, self.aggregation,
-                                       anchor=self.anchor)
+                                       anchor=self.anchor, activation_cache=cache,
+                                       theta0_tag=self._theta0_fingerprint() if on_cpu else None)
         return self._routed
 
     def save_artifacts(self, folder: str | Path) -> None:
