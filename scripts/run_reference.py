@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -41,8 +42,12 @@ def main(argv: list[str] | None = None) -> int:
                    help="resume although the library changed since the manifest was started")
     p.add_argument("--no-analysis", action="store_true", help="skip the pairwise scores of Figs. 4-5")
     p.add_argument("--dry-run", action="store_true", help="list the jobs and exit")
+    p.add_argument("--activation-cache-mb", type=float, default=5120,
+                   help="budget of MADE-IT's cache of θ0's module inputs, shared by the runs of this process "
+                        "(madeit_core.activation_cache; 5120 keeps every offline-20 test set; 0: off)")
     p.add_argument("-v", "--verbose", action="store_true")
     a = p.parse_args(argv)
+    os.environ["MADEIT_ACTIVATION_CACHE_MB"] = str(a.activation_cache_mb)   # read at the cache's first use
     logging.basicConfig(level=logging.INFO if a.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:
         params = parameter_set(a.profile, a.benchmark)
