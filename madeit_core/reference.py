@@ -9,15 +9,25 @@ early leaves whole rows; finished runs are skipped, killed ones resume. A manife
 written atomically after every run) records the library hash, commit, hardware, command and the
 wall time of every run; resuming under a different library is refused unless asked for, and the
 manifest then lists every library that contributed.
+
+Several invocations may share one folder at once (e.g. ``--methods mingle`` and ``--notebooks
+ablations`` on a 2-core machine, one thread each): every manifest write re-reads the file under a
+lock and merges (runs and analyses by key, groups/seeds/notebooks/commands by union), and a run
+is claimed by a ``<file>.claim`` holding the claimant's host and pid before it starts, so two
+processes never run the same one; a claim whose process is gone is taken over.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import logging
 import os
 import platform
+import socket
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +39,8 @@ from madeit_core.nbparams import NOTEBOOKS
 from madeit_core.nbsupport import analysis_path, pairwise_for_benchmark, pairwise_name, runs_for_seeds
 from madeit_core.protocol import RunSpec, git_commit, hardware, resolve_device, results_path
 from madeit_core.reproduce import MethodRun, run_grid
+
+log = logging.getLogger(__name__)
 
 MANIFEST_FORMAT = "madeit-reference/1"
 #: notebooks whose figures need the tasks' own experts (pairwise scores), not protocol runs
@@ -84,6 +96,85 @@ def load_manifest(folder: Path, params: Mapping[str, Any], lib: str, allow_code_
     return m
 
 
+@contextlib.contextmanager
+def _manifest_lock(folder: Path) -> Iterator[None]:
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".manifest.lock", "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def save_manifest(folder: Path, manifest: dict[str, Any], mine: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """Write ``manifest`` after merging what other invocations wrote meanwhile; returns the merge.
+
+    ``mine``: ``{"runs": {...}, "analysis": {...}}``, the entries this invocation made; they win
+    over the file's for the same key, the file's win over what this invocation read at its start. Groups, seeds and
+    notebooks become the union (:func:`merged_scope`), commands and library hashes too."""
+    f = folder / "manifest.json"
+    with _manifest_lock(folder):
+        if f.is_file():
+            disk = read_json(f)
+            for part in ("runs", "analysis"):
+                manifest[part] = {**manifest.get(part, {}), **disk.get(part, {}), **mine.get(part, {})}
+            scope = {"profile": manifest.get("profile"), "groups": manifest.get("groups", []),
+                     "seeds": manifest.get("seeds", [])}
+            manifest.update(merged_scope(disk, scope, manifest.get("notebooks") or None))
+            for part in ("commands", "library_hashes"):
+                merged: list[Any] = []
+                for item in [*disk.get(part, []), *manifest.get(part, [])]:
+                    if item not in merged:
+                        merged.append(item)
+                manifest[part] = merged
+        manifest["wall_s_runs_total"] = round(sum(v["wall_s"] for v in manifest["runs"].values()), 3)
+        manifest["updated_utc"] = _utc()
+        write_json(f, manifest)
+    return manifest
+
+
+def _disk_runs(folder: Path) -> dict[str, Any]:
+    f = folder / "manifest.json"
+    with _manifest_lock(folder):
+        return dict(read_json(f).get("runs", {})) if f.is_file() else {}
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def claim_run(path: Path) -> Path | None:
+    """Claim the run whose results go to ``path``: the claim file, or None when a live process on
+    this host holds it. A claim left by a process that is gone (killed run) is taken over."""
+    claim = path.with_suffix(".claim")
+    claim.parent.mkdir(parents=True, exist_ok=True)
+    me = f"{socket.gethostname()} {os.getpid()}"
+    for _ in range(2):
+        try:
+            fd = os.open(claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                host, pid = claim.read_text().split()
+                alive = host != socket.gethostname() or _pid_alive(int(pid))
+            except (OSError, ValueError):
+                alive = False              # unreadable or half-written: the claimant died writing it
+            if alive and f"{host} {pid}" != me:
+                return None
+            claim.unlink(missing_ok=True)
+            continue
+        with os.fdopen(fd, "w") as fh:
+            fh.write(me)
+        return claim
+    return None
+
+
 def merged_scope(manifest: Mapping[str, Any], params: Mapping[str, Any], notebooks: Sequence[str] | None
                  ) -> dict[str, list[Any]]:
     """The groups, seeds and notebooks a reference folder covers after one more invocation: the
@@ -120,6 +211,7 @@ def run_reference(params: Mapping[str, Any], out: str | os.PathLike[str], notebo
     manifest.update({"command": cmd, "git_commit": git_commit(), "hardware": hardware(), "device": device,
                      "python": platform.python_version()})
     total = sum(len(j.runs) * len(j.seeds) for j in jobs)
+    mine: dict[str, dict[str, Any]] = {"runs": {}, "analysis": {}}   # what this invocation adds
     benches: dict[str, tuple[Any, list[str]]] = {}
 
     def bench(group: str) -> tuple[Any, list[str]]:
@@ -142,19 +234,26 @@ def run_reference(params: Mapping[str, Any], out: str | os.PathLike[str], notebo
         path = results_path(out, spec)
         key = f"{j.group}/{path.parent.name}/{path.name}"
         bar.set_postfix_str(key)
-        if path.is_file() and key in manifest["runs"]:
+        if path.is_file() and (key in manifest["runs"] or key in _disk_runs(folder)):
             bar.update(1)
             continue
-        existed = path.is_file()
-        b, tasks = bench(j.group)
-        t0 = time.perf_counter()
-        res = run_grid(b, j.group, tasks, [run], [r], out, params["profile"], device=device,
-                       eval_seen=j.eval_seen, show_progress=show_progress)[0]
-        manifest["runs"][key] = {"label": run.label, "wall_s": round(time.perf_counter() - t0, 3),
+        claim = claim_run(path)
+        if claim is None:                  # another invocation is running it
+            log.info("%s is being run by another process; skipped", key)
+            bar.update(1)
+            continue
+        try:
+            existed = path.is_file()
+            b, tasks = bench(j.group)
+            t0 = time.perf_counter()
+            res = run_grid(b, j.group, tasks, [run], [r], out, params["profile"], device=device,
+                           eval_seen=j.eval_seen, show_progress=show_progress)[0]
+            mine["runs"][key] = {"label": run.label, "wall_s": round(time.perf_counter() - t0, 3),
                                  "ACC": res["ACC"], "BWT": res["BWT"], "library_hash": lib,
                                  "existed_before": existed, "finished_utc": _utc()}
-        manifest["updated_utc"] = _utc()
-        write_json(folder / "manifest.json", manifest)
+            manifest = save_manifest(folder, manifest, mine)
+        finally:
+            claim.unlink(missing_ok=True)
         bar.update(1)
     bar.close()
     if analysis and (not notebooks or any(n in PAIRWISE_NOTEBOOKS for n in notebooks)):
@@ -168,14 +267,12 @@ def run_reference(params: Mapping[str, Any], out: str | os.PathLike[str], notebo
                 continue
             t0 = time.perf_counter()
             write_json(f, {"key": key, "value": pairwise_for_benchmark(b, tasks, rho)})
-            manifest["analysis"][name] = {"wall_s": round(time.perf_counter() - t0, 3), "library_hash": lib,
-                                          "finished_utc": _utc()}
-            write_json(folder / "manifest.json", manifest)
+            mine["analysis"][name] = {"wall_s": round(time.perf_counter() - t0, 3), "library_hash": lib,
+                                      "finished_utc": _utc()}
+            manifest = save_manifest(folder, manifest, mine)
     manifest["wall_s_last_invocation"] = round(time.perf_counter() - t_start, 3)
-    manifest["wall_s_runs_total"] = round(sum(v["wall_s"] for v in manifest["runs"].values()), 3)
-    manifest["updated_utc"] = _utc()
-    write_json(folder / "manifest.json", manifest)
-    return manifest
+    return save_manifest(folder, manifest, mine)
 
 
-__all__ = ["COST_TIERS", "MANIFEST_FORMAT", "load_manifest", "reference_jobs", "run_order", "run_reference"]
+__all__ = ["COST_TIERS", "MANIFEST_FORMAT", "claim_run", "load_manifest", "reference_jobs", "run_order",
+           "run_reference", "save_manifest"]

@@ -336,3 +336,64 @@ def test_reference_manifest_scope_accumulates_over_invocations() -> None:
     out_of_order = merged_scope({"groups": ["offline-20"]}, {"profile": "offline", "groups": ["offline-8"],
                                                              "seeds": [42]}, None)
     assert out_of_order["groups"] == ["offline-8", "offline-20"]        # the profile's order
+
+
+def test_manifest_writes_merge_concurrent_invocations(tmp_path: Path) -> None:
+    """Two invocations that loaded the same manifest and then each saved their own runs: the file
+    keeps both, scopes become the union, and an entry newer on disk beats a stale in-memory one."""
+    from madeit_core.reference import save_manifest
+
+    base = {"format": "madeit-reference/1", "profile": "offline", "runs": {"g/old/seed42.json": {"wall_s": 1.0}},
+            "analysis": {}, "groups": ["offline-8"], "seeds": [42], "notebooks": ["table1_acc_bwt"],
+            "commands": [["first"]], "library_hashes": ["a"]}
+    save_manifest(tmp_path, json.loads(json.dumps(base)), {"runs": {}, "analysis": {}})
+    a, b = json.loads(json.dumps(base)), json.loads(json.dumps(base))
+    b["groups"], b["seeds"], b["notebooks"] = ["offline-14"], [43], ["ablations"]
+    b["commands"].append(["second"])
+    b["library_hashes"].append("b")
+    save_manifest(tmp_path, a, {"runs": {"g/x/seed42.json": {"wall_s": 2.0},
+                                         "g/old/seed42.json": {"wall_s": 5.0}}, "analysis": {"p": {"wall_s": 1}}})
+    merged = save_manifest(tmp_path, b, {"runs": {"g/y/seed43.json": {"wall_s": 3.0}}, "analysis": {}})
+    disk = json.loads((tmp_path / "manifest.json").read_text())
+    assert disk == merged
+    assert disk["runs"] == {"g/old/seed42.json": {"wall_s": 5.0}, "g/x/seed42.json": {"wall_s": 2.0},
+                            "g/y/seed43.json": {"wall_s": 3.0}}
+    assert disk["analysis"] == {"p": {"wall_s": 1}} and disk["wall_s_runs_total"] == 10.0
+    assert disk["groups"] == ["offline-8", "offline-14"] and disk["seeds"] == [42, 43]
+    assert disk["notebooks"] == ["table1_acc_bwt", "ablations"]
+    assert disk["commands"] == [["first"], ["second"]] and disk["library_hashes"] == ["a", "b"]
+
+
+def test_run_claims(tmp_path: Path) -> None:
+    import os
+    import socket
+
+    from madeit_core.reference import claim_run
+
+    path = tmp_path / "g" / "m" / "seed42.json"
+    claim = claim_run(path)
+    assert claim is not None and claim.read_text() == f"{socket.gethostname()} {os.getpid()}"
+    assert claim_run(path) == claim                              # our own claim: still ours
+    claim.write_text(f"{socket.gethostname()} {os.getppid()}")   # a live other process holds it
+    assert claim_run(path) is None
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    claim.write_text(f"{socket.gethostname()} {gone.pid}")        # its process is gone: taken over
+    assert claim_run(path) == claim and claim.read_text().endswith(f" {os.getpid()}")
+    claim.write_text("half-writ")                                 # unreadable: taken over
+    assert claim_run(path) == claim
+
+
+def test_run_reference_skips_a_run_another_process_claimed(tmp_path: Path) -> None:
+    import os
+    import socket
+
+    params = {**parameter_set("smoke", "toy"), "groups": ["toy-3"], "seeds": [42], "methods": ["swa", "ties"],
+              "device": "cpu"}
+    held = tmp_path / "smoke" / "toy-3" / "ties" / "seed42.claim"
+    held.parent.mkdir(parents=True)
+    held.write_text(f"{socket.gethostname()} {os.getppid()}")
+    m = run_reference(params, tmp_path, ["table1_acc_bwt"], show_progress=False, analysis=False)
+    assert "toy-3/swa/seed42.json" in m["runs"] and "toy-3/ties/seed42.json" not in m["runs"]
+    assert not (tmp_path / "smoke" / "toy-3" / "ties" / "seed42.json").exists()
+    assert held.exists() and not (tmp_path / "smoke" / "toy-3" / "swa" / "seed42.claim").exists()
