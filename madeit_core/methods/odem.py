@@ -282,13 +282,36 @@ class ODEMerging(ContinualMethod):
 
     def _grad(self, task: str, limit: int) -> Vec:
         """Σ over the first ``limit`` batches of ∇ (batch-mean CE) (zero for float buffers)."""
+        return self._grads(task, limit, limit)[1]
+
+    def _grads(self, task: str, first: int, limit: int) -> tuple[Vec, Vec]:
+        """(Σ over the first ``first`` batches, Σ over the first ``limit``) of ∇ (batch-mean CE), one
+        backward per batch (``first`` ≤ ``limit``): the same sums, in the same order, as two
+        :meth:`_grad` calls, for the price of the longer one."""
         head = self._head(task)
         tensors = self._tensors(self.model)
         for p in tensors:
             p.grad = None
-        for xb, yb in self._batches(task, limit):
+
+        def snapshot() -> Vec:
+            return [p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p) for p in tensors]
+
+        prefix: Vec | None = None
+        for i, (xb, yb) in enumerate(self._batches(task, max(first, limit))):
             F.cross_entropy(head(self.model(xb)).float(), yb).backward()
-        return [p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p) for p in tensors]
+            if i + 1 == first and first < limit:
+                prefix = snapshot()
+        total = snapshot()
+        return (prefix if prefix is not None else total), total
+
+    def _macro_add(self, acc: Vec, G: Vec, task: str, tasks: list[str]) -> float:
+        """acc += w G / (‖G‖ + ε)^p for one task of the macro gradient; returns its weight w."""
+        hp = self.hp
+        scale = (_norm(G) + EPS) ** hp["macro_grad_norm_power"]
+        w = hp["macro_w_new"] if task == tasks[-1] else hp["macro_w_old"]
+        for a, gj in zip(acc, G, strict=True):
+            a.add_(gj, alpha=w / scale)
+        return w
 
     # ------------------------------------------------------------------ absorb
     def _absorb(self, task: str, finetuned: StateDict) -> None:
@@ -323,6 +346,9 @@ class ODEMerging(ContinualMethod):
             del target
         log: list[dict[str, Any]] = []
         t_end = ts[-1] + hs[-1] if ts else 0.0
+        # the probe losses at the current θ: at t = 0 they are L0; after a step, the line search's
+        # losses at the point it accepted (or the same θ again when it rejected every scale)
+        L_here: dict[str, float] | None = {j: L0[j] for j in protect} if use_probe else None
         for t, h in tqdm(list(zip(ts, hs, strict=True)), desc=f"odem step {k}", disable=not self.ctx.show_progress,
                          leave=False):
             t_next, rem = t + h, max(1.0 - t, 1e-8)
@@ -337,20 +363,32 @@ class ODEMerging(ContinualMethod):
             if use_probe:
                 B_t = barrier_budget(t, hp["barrier_budget"], hp["barrier_tight_power"])
                 B_n = barrier_budget(t_next, hp["barrier_budget"], hp["barrier_tight_power"])
-                L_cur = {j: self._probe(self.model, j, pb) for j in protect}
+                L_cur = L_here if L_here is not None else {j: self._probe(self.model, j, pb) for j in protect}
                 L_max_t = {}
                 for j in protect:
                     old_only = hp["protect_old_only"] and j != tasks[-1]
                     L_max_t[j] = (L0[j] if old_only else (1 - t) * L0[j] + t * L1[j]) + B_t
                     L_max_next[j] = (L0[j] if old_only else (1 - t_next) * L0[j] + t_next * L1[j]) + B_n
                 rec.update(L_cur=L_cur, L_max_t=L_max_t, L_max_next=L_max_next)
+            eta, g_macro, total_w = 0.0, None, 0.0
+            # the sensitivity gradient (first batches) is a prefix of the macro gradient's sum:
+            # one backward pass per batch serves both when every task is protected
+            fuse = (hp["qp"] and hp["qp_sens_constraints"] > 0 and hp["dv_over_u_target"] > 0
+                    and protect == tasks and hp["sens_grad_batches"] <= hp["macro_grad_batches"])
+            if fuse:
+                g_macro = [torch.zeros_like(p) for p in theta]
             if hp["qp"]:
                 ex = sorted(protect, key=lambda j: L_cur[j] - L_max_t[j], reverse=True)
                 excess = ex[: max(1, min(hp["qp_num_constraints"], len(ex)))]
                 sens: list[tuple[str, float]] = []
                 if hp["qp_sens_constraints"] > 0:
                     for j in protect:
-                        g = self._grad(j, hp["sens_grad_batches"])
+                        if g_macro is not None:
+                            g, G = self._grads(j, hp["sens_grad_batches"], hp["macro_grad_batches"])
+                            total_w += self._macro_add(g_macro, G, j, tasks)
+                            del G
+                        else:
+                            g = self._grad(j, hp["sens_grad_batches"])
                         sens.append((j, _dot(g, u)))
                         if hp["sens_grad_batches"] == hp["constraint_grad_batches"]:
                             grads[j] = g
@@ -365,17 +403,11 @@ class ODEMerging(ContinualMethod):
                 inc = hp["allowed_inc_per_step"] / max(h, EPS)
                 b = {j: min((L_max_next[j] - L_cur[j]) / max(h, EPS), inc) for j in C}
                 rec["sensitivity"] = dict(sens)
-            eta, g_macro = 0.0, None
             if hp["dv_over_u_target"] > 0:
-                g_macro = [torch.zeros_like(p) for p in theta]
-                total_w = 0.0
-                for j in tasks:
-                    G = self._grad(j, hp["macro_grad_batches"])
-                    scale = (_norm(G) + EPS) ** hp["macro_grad_norm_power"]
-                    w = hp["macro_w_new"] if j == tasks[-1] else hp["macro_w_old"]
-                    total_w += w
-                    for acc, gj in zip(g_macro, G, strict=True):
-                        acc.add_(gj, alpha=w / scale)
+                if g_macro is None:
+                    g_macro = [torch.zeros_like(p) for p in theta]
+                    for j in tasks:
+                        total_w += self._macro_add(g_macro, self._grad(j, hp["macro_grad_batches"]), j, tasks)
                 if total_w > 0:
                     for acc in g_macro:
                         acc.mul_(1.0 / total_w)
@@ -402,6 +434,12 @@ class ODEMerging(ContinualMethod):
             else:
                 v = base
             s, losses = self._line_search(theta, v, h, protect, L_max_next, pb)
+            if not use_probe:
+                L_here = None
+            elif s == 0.0:
+                L_here = L_cur                      # θ is back where it was
+            else:
+                L_here = losses if losses is not None and set(losses) == set(protect) else None
             rec.update(constraints=C, b=b, lam=lam, qp_status=status, eta=eta, s=s, accepted=s > 0,
                        L_accepted=losses)
             log.append(rec)
