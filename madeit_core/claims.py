@@ -40,7 +40,8 @@ def beats_rivals(rows: Sequence[Mapping[str, Any]], ours: str = "MADE-IT",
     Rule: per group, MADE-IT's mean ACC is compared with each rival's. Reproduced when it is the
     best in every group; partly when it is the best in some group or beats most rivals overall;
     not reproduced otherwise. Reference rows (pre-trained, individual fine-tuned) are excluded by
-    passing ``rivals``.
+    passing ``rivals``; a named rival with no result in a group is listed in that group's
+    evidence (``missing``), so a verdict over a partial grid says which comparisons it lacks.
     """
     groups = sorted({r["group"] for r in rows})
     wins, comparisons, best_in = 0, 0, []
@@ -58,7 +59,8 @@ def beats_rivals(rows: Sequence[Mapping[str, Any]], ours: str = "MADE-IT",
         best_rival = max(others, key=lambda m: in_g[m]["ACC"]) if others else None
         detail[g] = {"ours": in_g[ours]["ACC"], "best_rival": best_rival,
                      "best_rival_acc": in_g[best_rival]["ACC"] if best_rival else None,
-                     "beaten": len(beaten), "rivals": len(others)}
+                     "beaten": len(beaten), "rivals": len(others),
+                     "missing": [m for m in (rivals or []) if m != ours and m not in in_g]}
     if comparisons == 0:
         return {"verdict": NOT, "evidence": "no comparable results", "groups": detail}
     if len(best_in) == len(detail):
@@ -68,7 +70,9 @@ def beats_rivals(rows: Sequence[Mapping[str, Any]], ours: str = "MADE-IT",
     else:
         verdict = NOT
     parts = [f"{g}: {d['ours']:.1f} vs best rival {d['best_rival']} {d['best_rival_acc']:.1f} "
-             f"(beats {d['beaten']}/{d['rivals']})" for g, d in detail.items()]
+             f"(beats {d['beaten']}/{d['rivals']}"
+             + (f"; no results for {', '.join(d['missing'])}" if d["missing"] else "") + ")"
+             for g, d in detail.items() if d["best_rival"] is not None]
     return {"verdict": verdict, "evidence": "; ".join(parts), "groups": detail, "wins": wins,
             "comparisons": comparisons}
 

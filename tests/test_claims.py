@@ -26,6 +26,11 @@ def test_beats_rivals() -> None:
     # reference rows are excluded when rivals are named
     r = beats_rivals(rows({"g8": {"MADE-IT": 80, "OPCM": 70, "Fine-Tuned": 95}}), rivals=["OPCM"])
     assert r["verdict"] == REPRODUCED
+    # a named rival without results is said to be missing, not silently left out
+    r = beats_rivals(rows({"g8": {"MADE-IT": 80, "OPCM": 70}, "g14": {"MADE-IT": 75, "ODE-M": 60}}),
+                     rivals=["OPCM", "ODE-M"])
+    assert r["groups"]["g8"]["missing"] == ["ODE-M"] and r["groups"]["g14"]["missing"] == ["OPCM"]
+    assert "g8: 80.0 vs best rival OPCM 70.0 (beats 1/1; no results for ODE-M)" in r["evidence"]
 
 
 def test_generic_to_specific() -> None:
