@@ -175,6 +175,62 @@ def claim_run(path: Path) -> Path | None:
     return None
 
 
+def run_key(group: str, run: MethodRun, r: int, profile: str) -> str:
+    """The manifest key of protocol run ``r`` of ``run`` on ``group``: ``<group>/<method[-tag]>/seed<s>.json``."""
+    spec = RunSpec(method=run.method, group=group, run=r, profile=profile, hparams=dict(run.hparams))
+    path = results_path(Path("."), spec)
+    return f"{group}/{path.parent.name}/{path.name}"
+
+
+def grid_status(manifest: Mapping[str, Any] | None, jobs: Sequence[Job], profile: str) -> list[dict[str, Any]]:
+    """Per planned (group, row): orders recorded in ``manifest`` of those planned, the median wall
+    time of a recorded run, and the time the missing ones would take at that median (None when
+    no run of the row has finished). The plan is ``jobs`` (e.g. :func:`reference_jobs`)."""
+    runs = (manifest or {}).get("runs", {})
+    rows: dict[tuple[str, str], dict[str, Any]] = {}
+    for j in jobs:
+        for run in j.runs:
+            row = rows.setdefault((j.group, run.label), {"group": j.group, "label": run.label, "method": run.method,
+                                                         "planned": 0, "done": 0, "walls": []})
+            for r in runs_for_seeds(j.seeds):
+                key = run_key(j.group, run, r, profile)
+                row["planned"] += 1
+                if key in runs:
+                    row["done"] += 1
+                    row["walls"].append(float(runs[key]["wall_s"]))
+    out = []
+    for row in rows.values():
+        walls = sorted(row.pop("walls"))
+        n = len(walls)
+        med = (walls[n // 2] if n % 2 else 0.5 * (walls[n // 2 - 1] + walls[n // 2])) if n else None
+        row["median_wall_s"] = med
+        row["missing_s"] = None if med is None else med * (row["planned"] - row["done"])
+        out.append(row)
+    return out
+
+
+def grid_status_markdown(rows: Sequence[Mapping[str, Any]]) -> str:
+    """The status table: one line per group and row, then the totals."""
+    def fmt_s(v: float | None) -> str:
+        if v is None:
+            return "—"
+        if v == 0:
+            return "done"
+        return f"{v / 3600:.1f} h" if v >= 3600 else f"{v / 60:.0f} min" if v >= 60 else f"{v:.0f} s"
+
+    lines = ["| group | row | orders done | median s per run | to finish at that pace |", "|---|---|---|---|---|"]
+    for r in rows:
+        med = "—" if r["median_wall_s"] is None else f"{r['median_wall_s']:.0f}"
+        left = fmt_s(r["missing_s"])
+        lines.append(f"| {r['group']} | {r['label']} | {r['done']} / {r['planned']} | {med} | {left} |")
+    done, planned = sum(r["done"] for r in rows), sum(r["planned"] for r in rows)
+    known = sum(r["missing_s"] for r in rows if r["missing_s"] is not None)
+    unknown = sum(1 for r in rows if r["median_wall_s"] is None)
+    tail = f"; {unknown} rows with no finished run yet, not counted" if unknown else ""
+    return ("\n".join(lines) + f"\n\n{done} of {planned} protocol runs recorded; the rest would take about "
+            f"{fmt_s(known)} at the recorded pace{tail}.\n")
+
+
 def merged_scope(manifest: Mapping[str, Any], params: Mapping[str, Any], notebooks: Sequence[str] | None
                  ) -> dict[str, list[Any]]:
     """The groups, seeds and notebooks a reference folder covers after one more invocation: the
@@ -274,5 +330,5 @@ def run_reference(params: Mapping[str, Any], out: str | os.PathLike[str], notebo
     return save_manifest(folder, manifest, mine)
 
 
-__all__ = ["COST_TIERS", "MANIFEST_FORMAT", "claim_run", "load_manifest", "reference_jobs", "run_order",
-           "run_reference", "save_manifest"]
+__all__ = ["COST_TIERS", "MANIFEST_FORMAT", "claim_run", "grid_status", "grid_status_markdown", "load_manifest",
+           "reference_jobs", "run_key", "run_order", "run_reference", "save_manifest"]

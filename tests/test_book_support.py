@@ -397,3 +397,23 @@ def test_run_reference_skips_a_run_another_process_claimed(tmp_path: Path) -> No
     assert "toy-3/swa/seed42.json" in m["runs"] and "toy-3/ties/seed42.json" not in m["runs"]
     assert not (tmp_path / "smoke" / "toy-3" / "ties" / "seed42.json").exists()
     assert held.exists() and not (tmp_path / "smoke" / "toy-3" / "swa" / "seed42.claim").exists()
+
+
+def test_grid_status_counts_orders_medians_and_time_left() -> None:
+    from madeit_core.reference import grid_status, grid_status_markdown, run_key
+    from madeit_core.reproduce import MethodRun
+
+    swa, cos = MethodRun("Average (SWA)", "swa"), MethodRun("cosine", "made_it", {"score": "cosine", "tag": "cos"})
+    jobs = [bookplan.Job("g8", (swa, cos), (42, 43, 44))]
+    assert run_key("g8", cos, 1, "offline") == "g8/made_it-cos/seed43.json"
+    manifest = {"runs": {run_key("g8", swa, 0, "offline"): {"wall_s": 10.0},
+                         run_key("g8", swa, 2, "offline"): {"wall_s": 30.0},
+                         "g8/other/seed42.json": {"wall_s": 99.0}}}
+    rows = {r["label"]: r for r in grid_status(manifest, jobs, "offline")}
+    assert (rows["Average (SWA)"]["done"], rows["Average (SWA)"]["planned"]) == (2, 3)
+    assert rows["Average (SWA)"]["median_wall_s"] == 20.0 and rows["Average (SWA)"]["missing_s"] == 20.0
+    assert rows["cosine"]["done"] == 0 and rows["cosine"]["missing_s"] is None
+    md = grid_status_markdown(list(rows.values()))
+    assert "| g8 | Average (SWA) | 2 / 3 | 20 | 20 s |" in md and "| g8 | cosine | 0 / 3 | — | — |" in md
+    assert "2 of 6 protocol runs recorded" in md and "1 rows with no finished run yet" in md
+    assert grid_status(None, jobs, "offline")[0]["done"] == 0
