@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from madeit_core.errors import MergeInputError
 from madeit_core.io import load_tensors, save_tensors
 from madeit_core.methods import register
 from madeit_core.methods.base import StaticMergeMethod
@@ -50,7 +51,7 @@ class ContinualFinetuning(StaticMergeMethod):
                  n_train: int | None = None, cache: bool = True, cache_dir: str | None = None) -> None:
         super().__init__()
         if recipe not in ("benchmark", "explicit"):
-            raise ValueError(f"recipe must be 'benchmark' or 'explicit', got {recipe!r}")
+            raise MergeInputError(f"recipe must be 'benchmark' or 'explicit', got {recipe!r}")
         self.recipe_source = recipe
         self.overrides = {k: v for k, v in {"steps": steps, "batch_size": batch_size, "lr": lr,
                                             "weight_decay": weight_decay, "warmup_steps": warmup_steps,
@@ -89,10 +90,10 @@ class ContinualFinetuning(StaticMergeMethod):
         from madeit_core.zoo import array_hash, finetune, state_hash
 
         if self.ctx.labeled_samples is None:
-            raise ValueError("continual_finetuning needs ctx.labeled_samples (training data)")
+            raise MergeInputError("continual_finetuning needs ctx.labeled_samples (training data)")
         head = self.ctx.heads.get(task)
         if head is None:
-            raise ValueError(f"continual_finetuning needs the head of task {task!r} in ctx.heads")
+            raise MergeInputError(f"continual_finetuning needs the head of task {task!r} in ctx.heads")
         step = len(self.tasks)
         seed = self.ctx.step_seed(step)
         current = self.merged if self.merged else self.theta0
