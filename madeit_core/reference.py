@@ -210,26 +210,31 @@ def grid_status(manifest: Mapping[str, Any] | None, jobs: Sequence[Job], profile
 
 
 def grid_status_markdown(rows: Sequence[Mapping[str, Any]]) -> str:
-    """The status table: one line per group and row, then the totals."""
-    def fmt_s(v: float | None) -> str:
-        if v is None:
-            return "—"
-        if v == 0:
-            return "done"
+    """The status table: a line per row label, a column per group, each cell "orders done / planned
+    · median seconds per run"; then the totals and the time left at the recorded pace."""
+    def fmt_s(v: float) -> str:
         return f"{v / 3600:.1f} h" if v >= 3600 else f"{v / 60:.0f} min" if v >= 60 else f"{v:.0f} s"
 
-    lines = ["| group | row | orders done | median s per run | to finish at that pace |", "|---|---|---|---|---|"]
-    for r in rows:
-        med = "—" if r["median_wall_s"] is None else f"{r['median_wall_s']:.0f}"
-        left = fmt_s(r["missing_s"])
-        lines.append(f"| {r['group']} | {r['label']} | {r['done']} / {r['planned']} | {med} | {left} |")
+    groups = list(dict.fromkeys(r["group"] for r in rows))
+    labels = list(dict.fromkeys(r["label"] for r in rows))
+    cell = {(r["label"], r["group"]): r for r in rows}
+    lines = ["| row | " + " | ".join(groups) + " |", "|---|" + "---|" * len(groups)]
+    for label in labels:
+        cells = []
+        for g in groups:
+            r = cell.get((label, g))
+            if r is None:
+                cells.append("")
+                continue
+            med = "" if r["median_wall_s"] is None else f" · {r['median_wall_s']:.0f} s"
+            cells.append(f"{r['done']}/{r['planned']}{med}")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
     done, planned = sum(r["done"] for r in rows), sum(r["planned"] for r in rows)
     known = sum(r["missing_s"] for r in rows if r["missing_s"] is not None)
     unknown = sum(1 for r in rows if r["median_wall_s"] is None)
-    tail = f"; {unknown} rows with no finished run yet, not counted" if unknown else ""
-    return ("\n".join(lines) + f"\n\n{done} of {planned} protocol runs recorded; the rest would take about "
-            f"{fmt_s(known)} at the recorded pace{tail}.\n")
-
+    tail = f"; {unknown} group rows with no finished run yet are not counted" if unknown else ""
+    return ("\n".join(lines) + f"\n\nCells: orders done / planned · median wall time of a finished run. {done} of "
+            f"{planned} protocol runs recorded; the rest would take about {fmt_s(known)} at the recorded pace{tail}.\n")
 
 def merged_scope(manifest: Mapping[str, Any], params: Mapping[str, Any], notebooks: Sequence[str] | None
                  ) -> dict[str, list[Any]]:

@@ -414,6 +414,7 @@ def test_grid_status_counts_orders_medians_and_time_left() -> None:
     assert rows["Average (SWA)"]["median_wall_s"] == 20.0 and rows["Average (SWA)"]["missing_s"] == 20.0
     assert rows["cosine"]["done"] == 0 and rows["cosine"]["missing_s"] is None
     md = grid_status_markdown(list(rows.values()))
-    assert "| g8 | Average (SWA) | 2 / 3 | 20 | 20 s |" in md and "| g8 | cosine | 0 / 3 | — | — |" in md
-    assert "2 of 6 protocol runs recorded" in md and "1 rows with no finished run yet" in md
+    assert "| row | g8 |" in md and "| Average (SWA) | 2/3 · 20 s |" in md and "| cosine | 0/3 |" in md
+    assert "2 of 6 protocol runs recorded; the rest would take about 20 s" in md
+    assert "1 group rows with no finished run yet" in md
     assert grid_status(None, jobs, "offline")[0]["done"] == 0
