@@ -25,6 +25,7 @@ import logging
 import os
 import platform
 import socket
+import statistics
 import sys
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -175,11 +176,15 @@ def claim_run(path: Path) -> Path | None:
     return None
 
 
+def _manifest_key(path: Path) -> str:
+    """``<group>/<method[-tag]>/seed<s>.json`` of a results path."""
+    return f"{path.parent.parent.name}/{path.parent.name}/{path.name}"
+
+
 def run_key(group: str, run: MethodRun, r: int, profile: str) -> str:
     """The manifest key of protocol run ``r`` of ``run`` on ``group``: ``<group>/<method[-tag]>/seed<s>.json``."""
     spec = RunSpec(method=run.method, group=group, run=r, profile=profile, hparams=dict(run.hparams))
-    path = results_path(Path("."), spec)
-    return f"{group}/{path.parent.name}/{path.name}"
+    return _manifest_key(results_path(Path("."), spec))
 
 
 def grid_status(manifest: Mapping[str, Any] | None, jobs: Sequence[Job], profile: str) -> list[dict[str, Any]]:
@@ -200,9 +205,8 @@ def grid_status(manifest: Mapping[str, Any] | None, jobs: Sequence[Job], profile
                     row["walls"].append(float(runs[key]["wall_s"]))
     out = []
     for row in rows.values():
-        walls = sorted(row.pop("walls"))
-        n = len(walls)
-        med = (walls[n // 2] if n % 2 else 0.5 * (walls[n // 2 - 1] + walls[n // 2])) if n else None
+        walls = row.pop("walls")
+        med = statistics.median(walls) if walls else None
         row["median_wall_s"] = med
         row["missing_s"] = None if med is None else med * (row["planned"] - row["done"])
         out.append(row)
@@ -293,7 +297,7 @@ def run_reference(params: Mapping[str, Any], out: str | os.PathLike[str], notebo
     for j, run, r in run_order(jobs):
         spec = RunSpec(method=run.method, group=j.group, run=r, profile=params["profile"], hparams=dict(run.hparams))
         path = results_path(out, spec)
-        key = f"{j.group}/{path.parent.name}/{path.name}"
+        key = _manifest_key(path)
         bar.set_postfix_str(key)
         if path.is_file() and (key in manifest["runs"] or key in _disk_runs(folder)):
             bar.update(1)

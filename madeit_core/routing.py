@@ -475,7 +475,8 @@ class RoutedModel(nn.Module):
         finally:
             for h in handles:
                 h.remove()
-        if cache is not None and batch is not None:
+        if batch is not None:
+            assert cache is not None
             cache.put(batch, recorded)
         return out
 

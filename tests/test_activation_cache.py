@@ -59,16 +59,6 @@ def test_bad_budget_and_env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(ac, "_SHARED", None)
 
 
-@pytest.fixture(scope="module")
-def bank_and_bench() -> tuple[ToyBenchmark, object]:
-    bench = ToyBenchmark(num_tasks=3, steps=30)
-    m = get_method("made_it", rank_ratio=0.5, margin=100.0)   # never consolidate: several experts per module
-    m.setup(bench.pretrained(), MergeContext(modules=bench.modules()))
-    for t in bench.tasks:
-        m.absorb(t, bench.finetuned(t))
-    return bench, m.bank  # type: ignore[attr-defined]
-
-
 def _count_passes(routed: RoutedModel) -> list[int]:
     calls = [0]
     routed.model.register_forward_pre_hook(lambda mod, inp: calls.__setitem__(0, calls[0] + 1))
@@ -76,8 +66,9 @@ def _count_passes(routed: RoutedModel) -> list[int]:
 
 
 @pytest.mark.parametrize("anchor", ["experts", "signed"])
-def test_routed_results_identical_and_pass_skipped(bank_and_bench: tuple[ToyBenchmark, object], anchor: str) -> None:
-    bench, bank = bank_and_bench
+def test_routed_results_identical_and_pass_skipped(separate: tuple[ToyBenchmark, object], anchor: str) -> None:
+    bench, m = separate
+    bank = m.bank  # type: ignore[attr-defined]
     x = torch.cat([bench.unlabeled_samples(t, 4, 0) for t in bench.tasks])
     plain = RoutedModel(bench.pretrained(), bank, anchor=anchor)            # type: ignore[arg-type]
     cache = ActivationCache(max_bytes=64 << 20)
@@ -102,8 +93,9 @@ def test_routed_results_identical_and_pass_skipped(bank_and_bench: tuple[ToyBenc
     assert torch.equal(other(x), y0) and cache.hits == 3
 
 
-def test_other_theta0_never_hits(bank_and_bench: tuple[ToyBenchmark, object]) -> None:
-    bench, bank = bank_and_bench
+def test_other_theta0_never_hits(separate: tuple[ToyBenchmark, object]) -> None:
+    bench, m = separate
+    bank = m.bank  # type: ignore[attr-defined]
     x = bench.unlabeled_samples(bench.tasks[0], 4, 0)
     cache = ActivationCache(max_bytes=64 << 20)
     a = RoutedModel(bench.pretrained(), bank, activation_cache=cache)    # type: ignore[arg-type]

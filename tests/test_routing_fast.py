@@ -12,8 +12,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from madeit_core.errors import MergeInputError
-from madeit_core.methods import get_method
-from madeit_core.methods.base import MergeContext
 from madeit_core.modules import as_matrix
 from madeit_core.routing import RoutedModel, fpa, fpa_many, route_batch, route_path
 from madeit_core.toy import ToyBenchmark
@@ -94,16 +92,6 @@ def test_fpa_many_matches_fpa(aggregation: str) -> None:
     got = fpa_many(h, torch.cat(Vs, 1), seg, aggregation)  # type: ignore[arg-type]
     want = torch.stack([fpa(h, V, aggregation) for V in Vs], 1)  # type: ignore[arg-type]
     assert torch.allclose(got, want, atol=1e-6) and torch.all(got[:, 1] == 0)
-
-
-@pytest.fixture(scope="module")
-def separate() -> tuple[ToyBenchmark, object]:
-    bench = ToyBenchmark(num_tasks=3, steps=30)
-    m = get_method("made_it", rank_ratio=0.5, margin=100.0)   # never consolidate: paths differ by task
-    m.setup(bench.pretrained(), MergeContext(modules=bench.modules()))
-    for t in bench.tasks:
-        m.absorb(t, bench.finetuned(t))
-    return bench, m
 
 
 def _mixed_batch(bench: ToyBenchmark) -> torch.Tensor:
