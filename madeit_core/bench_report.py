@@ -5,8 +5,9 @@
     figs = figures(res)        # name -> matplotlib Figure
 
 Nothing here measures or computes a figure of its own: every number is read from the file
-(ratios included, as the benchmark wrote them). Sections a run did not produce give empty
-tables and no figure.
+(ratios included, as the benchmark wrote them; the one exception is the per-case speed-up of a
+columnar case table, the quotient of the two times it records: see :func:`case_columns`).
+Sections a run did not produce give empty tables and no figure.
 """
 
 from __future__ import annotations
@@ -299,11 +300,87 @@ def _memory_figure(rows: list[dict[str, Any]]) -> Figure:
     return fig
 
 
+def _flatten(x: Any, prefix: str = "") -> dict[str, Any]:
+    """Leaves of nested dicts / lists of dicts under dotted paths (``subspace.0.seconds``)."""
+    if isinstance(x, dict):
+        items = list(x.items())
+    elif isinstance(x, list) and x and all(isinstance(v, dict) for v in x):
+        items = [(str(i), v) for i, v in enumerate(x)]
+    else:
+        return {prefix: x}
+    out: dict[str, Any] = {}
+    for k, v in items:
+        out.update(_flatten(v, f"{prefix}.{k}" if prefix else k))
+    return out
+
+
+def _put(row: dict[str, Any], path: str, value: Any) -> None:
+    parts = path.split(".")
+    node: Any = row
+    for part, nxt in zip(parts[:-1], parts[1:]):
+        key: Any = int(part) if part.isdigit() else part
+        if isinstance(node, list):
+            while len(node) <= key:
+                node.append(None)
+            if node[key] is None:
+                node[key] = [] if nxt.isdigit() else {}
+            node = node[key]
+        else:
+            node = node.setdefault(key, [] if nxt.isdigit() else {})
+    last: Any = int(parts[-1]) if parts[-1].isdigit() else parts[-1]
+    if isinstance(node, list):
+        while len(node) <= last:
+            node.append(None)
+    node[last] = value
+
+
+#: per-variant fields a columnar case table drops because they follow from two recorded times
+_SPEEDUP = "speedup_vs_exact"
+
+
+def case_columns(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Columnar form of SVD-suite cases (the thousands of real-checkpoint ones).
+
+    Every case is flattened to dotted paths; a path with the same value in every case is stored
+    once under ``constant`` (the variants' settings), the others as one list per case in
+    ``columns`` order. ``speedup_vs_exact`` is left out (it is ``exact_s / seconds``) and
+    rebuilt by :func:`case_rows`, which inverts this exactly."""
+    flat = [{k: v for k, v in _flatten(r).items() if k.rsplit(".", 1)[-1] != _SPEEDUP} for r in rows]
+    paths: list[str] = []
+    for f in flat:
+        paths.extend(k for k in f if k not in paths)
+    missing = object()
+    constant = {k: flat[0].get(k) for k in paths
+                if flat and all(f.get(k, missing) == flat[0].get(k, missing) for f in flat)}
+    columns = [k for k in paths if k not in constant]
+    return {"layout": "columns", "constant": constant, "columns": columns,
+            "rows": [[f.get(k) for k in columns] for f in flat]}
+
+
+def case_rows(cases: Any) -> list[dict[str, Any]]:
+    """The SVD cases of a section as nested dicts, from either layout (a list of rows, or the
+    columnar table of :func:`case_columns`, whose per-variant ``speedup_vs_exact`` is rebuilt)."""
+    if isinstance(cases, list):
+        return list(cases)
+    if not isinstance(cases, dict) or cases.get("layout") != "columns":
+        raise MergeInputError(f"svd cases: expected a list or a columnar table, got {type(cases).__name__}")
+    out = []
+    for vals in cases["rows"]:
+        row: dict[str, Any] = {}
+        for k, v in [*cases["constant"].items(), *zip(cases["columns"], vals)]:
+            _put(row, k, v)
+        for variant in [row.get("gram"), *row.get("subspace", []), *row.get("randomized", [])]:
+            if isinstance(variant, dict) and variant.get("seconds"):
+                variant[_SPEEDUP] = row["exact_s"] / variant["seconds"]
+        out.append(row)
+    return out
+
+
 def _svd_figure(svd: Mapping[str, Any]) -> Figure:
     fig, ax = plt.subplots(figsize=(6, 3.4))
     markers = "osd^v<>"
     for ui, (unit, sec) in enumerate(svd.items()):
-        cases = sec.get("cases", [])
+        cases = case_rows(sec.get("cases", []))
         pts = [("gram", [c["gram"] for c in cases])]
         if cases and "subspace" in cases[0]:       # files written before the subspace method lack it
             for j, r in enumerate(cases[0]["subspace"]):
@@ -326,4 +403,5 @@ def _svd_figure(svd: Mapping[str, Any]) -> Figure:
     return fig
 
 
-__all__ = ["FORMAT", "PHASES", "figures", "load_bench", "markdown", "summary_markdown", "tables"]
+__all__ = ["FORMAT", "PHASES", "case_columns", "case_rows", "figures", "load_bench", "markdown", "summary_markdown",
+           "tables"]

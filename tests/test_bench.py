@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from madeit_core import bench as B
+from madeit_core import bench_report as R
 from madeit_core.cli import main
 from madeit_core.timing import Recorder, patch_linalg, recording, timed
 
@@ -215,17 +216,21 @@ def test_svd_suite_on_real_checkpoints(tmp_path: Path) -> None:
                                     finetuned=[str(ft)])
     res = B.run_bench(settings, tmp_path / "real.json")
     real = res["sections"]["svd"]["real"]
-    assert len(real["cases"]) == 3 and real["files"][0]["task"] == "task"       # only the updated modules
+    assert real["cases"]["layout"] == "columns"                    # the many real cases are stored columnar
+    cases = R.case_rows(real["cases"])
+    assert len(cases) == 3 and real["files"][0]["task"] == "task"       # only the updated modules
     t = res["targets"]["svd_randomized_affinity"]
     default = B._subspace_key(None, B.SUBSPACE_STEPS)                # MADE-IT's default top-k is the target
     assert t["method"] == default and "EfficientNet-Lite0" in t["source"] and t["value"] == pytest.approx(
         real["summary"][default]["min_affinity_stable_cases"])
     assert B._setting_key(None, 4) in t["other_settings"] and default in t["other_settings"]
-    assert all(c["gram"]["affinity"] > 0.999 for c in real["cases"])
-    assert all(c["subspace"][0]["library_default"] and c["subspace"][0]["affinity"] > 0.99 for c in real["cases"])
-    # the many real cases are stored compact: no derivable FLOP bounds, 6 significant digits
-    assert "exact_flops" not in real["cases"][0] and "flops" not in real["cases"][0]["gram"] and real["cases_note"]
-    assert all(float(f"{c['exact_s']:.6g}") == c["exact_s"] for c in real["cases"])
+    assert all(c["gram"]["affinity"] > 0.999 for c in cases)
+    assert all(c["subspace"][0]["library_default"] and c["subspace"][0]["affinity"] > 0.99 for c in cases)
+    # ... and compact: no derivable FLOP bounds, 6 significant digits, speed-ups rebuilt from the times
+    assert "exact_flops" not in cases[0] and "flops" not in cases[0]["gram"] and real["cases_note"]
+    assert all(float(f"{c['exact_s']:.6g}") == c["exact_s"] for c in cases)
+    assert not any(c.endswith("speedup_vs_exact") for c in real["cases"]["columns"])
+    assert cases[0]["gram"]["speedup_vs_exact"] == pytest.approx(cases[0]["exact_s"] / cases[0]["gram"]["seconds"])
     save_tensors(tmp_path / "other.safetensors", {"w": torch.zeros(2, 2)})
     bad = B.BenchSettings.make(suites=["svd"], shapes=["tiny-cnn"], quick=True, device="cpu",
                                finetuned=[str(tmp_path / "other.safetensors")])
@@ -245,7 +250,6 @@ def test_slow_shapes_are_listed_as_skipped_on_the_cpu(tmp_path: Path) -> None:
 def test_report_tables_and_figures_read_the_file(quick: tuple[Path, dict[str, Any]], tmp_path: Path) -> None:
     import io
 
-    from madeit_core import bench_report as R
 
     out, res = quick
     loaded = R.load_bench(out)
@@ -275,7 +279,6 @@ def test_report_tables_and_figures_read_the_file(quick: tuple[Path, dict[str, An
 
 
 def test_report_refuses_other_files(tmp_path: Path, quick: tuple[Path, dict[str, Any]]) -> None:
-    from madeit_core import bench_report as R
 
     bad = tmp_path / "other.json"
     bad.write_text(json.dumps({"format": "something/1"}))
@@ -290,3 +293,39 @@ def test_report_refuses_other_files(tmp_path: Path, quick: tuple[Path, dict[str,
     with pytest.raises(B.MergeInputError, match="did not finish"):
         R.load_bench(tmp_path / "partial.json")
     assert R.load_bench(tmp_path / "partial.json", require_complete=False)["sections"]
+
+
+def test_case_columns_round_trip() -> None:
+    """The columnar case table gives back every case as it was (speed-ups rebuilt from the times);
+    settings shared by every case are stored once, varying ones per case."""
+    def case(i: int, fallback: bool) -> dict:
+        ex = 0.5 + i
+        variant = lambda t, **kw: {"seconds": t, "speedup_vs_exact": ex / t, "affinity": 0.99 + i / 1000, **kw}  # noqa: E731
+        return {"shape": [8 + i, 4], "k": 2 + i, "exact_s": ex, "s1_over_sk": None, "module": f"m{i}",
+                "gram": variant(0.1), "subspace": [variant(0.2 * (i + 1), q=12 + i, steps=5, exact_fallback=fallback)],
+                "randomized": [variant(0.3, oversample_rule="10", n_iter=4),
+                               variant(0.4, oversample_rule="10", n_iter=8)]}
+    rows = [case(0, True), case(1, False), case(2, True)]
+    table = R.case_columns(rows)
+    assert table["constant"]["randomized.1.n_iter"] == 8 and table["constant"]["s1_over_sk"] is None
+    assert "subspace.0.q" in table["columns"] and "module" in table["columns"] and "gram.seconds" in table["constant"]
+    back = R.case_rows(json.loads(json.dumps(table)))
+    for a, b in zip(rows, back):
+        assert _approx_nested(a, b)
+    assert R.case_rows(rows) == rows                                  # the list layout passes through
+    with pytest.raises(R.MergeInputError, match="columnar"):
+        R.case_rows({"layout": "rows"})
+
+
+def _approx_nested(a: object, b: object) -> bool:
+    if isinstance(a, dict):
+        assert isinstance(b, dict) and set(a) == set(b), (a, b)
+        return all(_approx_nested(a[k], b[k]) for k in a)
+    if isinstance(a, list):
+        assert isinstance(b, list) and len(a) == len(b), (a, b)
+        return all(_approx_nested(x, y) for x, y in zip(a, b))
+    if isinstance(a, float):
+        assert b == pytest.approx(a, rel=1e-12), (a, b)
+        return True
+    assert a == b, (a, b)
+    return True
