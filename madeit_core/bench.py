@@ -515,6 +515,12 @@ class TaskFactory:
         return out
 
 
+#: recorded (and printed) when the run sleeps its OpenMP threads between parallel regions
+PASSIVE_NOTE = ("OMP_WAIT_POLICY=PASSIVE: OpenMP threads sleep between parallel regions, which slows the "
+                "many small linear-algebra calls of an absorb step (on the 2-core CPU: MADE-IT's top-k "
+                "SVDs of ViT-B/32 2.0 s → 3.0 s); use it to share a machine, not to measure one")
+
+
 #: what :func:`compact_case` leaves out of the real unit's per-case rows (recorded with them)
 COMPACT_CASE_NOTE = ("per-case rows of this unit (thousands) are a columnar table (bench_report.case_rows "
                      "reads it back): settings shared by every case are stored once under 'constant'; "
@@ -660,6 +666,9 @@ class Bench:
         hw["torch_threads"] = torch.get_num_threads()
         hw["threads_requested"] = self.s.threads
         hw["thread_env"] = {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OMP_WAIT_POLICY")}
+        if (os.environ.get("OMP_WAIT_POLICY") or "").upper() == "PASSIVE":
+            hw["thread_env_note"] = PASSIVE_NOTE
+            self.log(f"warning: {PASSIVE_NOTE}")
         self._save()
         b = self.results["bounds"]
         if not b.get("peak_flops"):
