@@ -329,3 +329,48 @@ def _approx_nested(a: object, b: object) -> bool:
         return True
     assert a == b, (a, b)
     return True
+
+
+def test_memory_suite_on_saved_banks(tmp_path: Path) -> None:
+    """--banks: every bank is labelled with its configuration's departures from the defaults,
+    summarised per (variant, T), and the target reads the worst default bank at the largest T
+    (an ablation's larger bank does not count)."""
+    from madeit_core.experts import EvolutionConfig, ExpertBank
+    from madeit_core.modules import ModuleSpec
+
+    spec = ModuleSpec(name="lin", key="lin.weight", d_out=12, d_in=10, kind="linear", group="mlp", depth=0)
+    w0 = {"lin.weight": torch.zeros(12, 10), "lin.bias": torch.zeros(12)}
+
+    def bank(folder: str, T: int, seed: int, **cfg: Any) -> None:
+        g = torch.Generator().manual_seed(seed)
+        b = ExpertBank([spec], EvolutionConfig(**cfg))
+        for t in range(T):
+            ft = {"lin.weight": torch.randn(12, 10, generator=g), "lin.bias": torch.randn(12, generator=g)}
+            b.absorb(f"task{t}", w0, ft)
+        b.save(tmp_path / folder)
+
+    bank("g/made_it/seed42", 3, 0)
+    bank("g/made_it/seed43", 3, 1)
+    bank("g/made_it/seed44", 2, 2)
+    bank("g/made_it-rank_ratio=1/seed42", 3, 0, rank_ratio=1.0)
+    bank("g/made_it-anchor=signed/seed42", 3, 0)                      # the same bank as made_it/seed42
+    settings = B.BenchSettings.make(suites=["memory"], shapes=["tiny-vit"], quick=True, device="cpu",
+                                    banks=str(tmp_path))
+    res = B.run_bench(settings, tmp_path / "mem.json")
+    sec = res["sections"]["memory"]["banks"]
+    assert sorted(r["variant"] for r in sec["rows"]) == ["default"] * 3 + ["rank_ratio=1"]
+    (dup,) = sec["duplicates_skipped"]                                  # the identical bank is read once
+    assert {Path(dup["bank"]).parent.name, Path(dup["same_as"]).parent.name} == {"made_it", "made_it-anchor=signed"}
+    summ = {(r["variant"], r["T"]): r for r in sec["summary"]}
+    assert set(summ) == {("default", 2), ("default", 3), ("rank_ratio=1", 3)} and summ[("default", 3)]["banks"] == 2
+    default3 = [r for r in sec["rows"] if r["variant"] == "default" and r["T"] == 3]
+    ratios = [r["ratio_bank_total_to_mingle"] for r in default3]
+    assert summ[("default", 3)]["ratio_bank_total_to_mingle_max"] == max(ratios)
+    variant = next(r for r in sec["rows"] if r["variant"] != "default")
+    assert variant["ratio_bank_total_to_mingle"] > max(ratios)         # full-rank experts: a larger bank ...
+    t = res["targets"]["memory_banks_T3"]
+    assert t["value"] == max(ratios) and t["banks"] == 2                # ... that the target does not read
+    rows = R.tables(res)["memory"]
+    assert [(r["T"], r["banks"]) for r in rows] == [(2, 1), (3, 2)]
+    assert rows[1]["ratio_to_mingle_max"] == max(ratios)
+    assert B.config_variant(EvolutionConfig(margin=0.5, svd="exact")) == "margin=0.5,svd=exact"
