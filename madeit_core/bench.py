@@ -1169,8 +1169,8 @@ class Bench:
         """Every bank below ``root``, labelled with its configuration's departures from the
         defaults (``variant``: ``default`` for MADE-IT as shipped, e.g. ``rank_ratio=0.5`` for an
         ablation run), and summarised per (variant, T) over the banks (orders) that have it. Banks
-        with the same tensors (``experts_sha256``: runs that differ only in routing options, which
-        evolve the same bank) are read once."""
+        of one variant with the same tensors (``experts_sha256``: runs that differ only in routing
+        options, which evolve the same bank) are read once."""
         rows = []
         files = sorted(root.rglob("bank.json"))
         if not files:
@@ -1178,11 +1178,16 @@ class Bench:
         seen: dict[str, str] = {}
         duplicates = []
         for f in files:
-            digest = read_json(f).get("experts_sha256")
-            if digest in seen:
-                duplicates.append({"bank": str(f.parent), "same_as": seen[digest]})
+            meta = read_json(f)
+            try:
+                variant = config_variant(EvolutionConfig(**meta.get("config", {})))
+            except TypeError as exc:
+                raise MergeInputError(f"{f}: malformed bank configuration: {exc}") from exc
+            ident = f"{variant}:{meta.get('experts_sha256')}"
+            if ident in seen:
+                duplicates.append({"bank": str(f.parent), "same_as": seen[ident]})
                 continue
-            seen[digest] = str(f.parent)
+            seen[ident] = str(f.parent)
             bank = ExpertBank.load(f.parent)
             others = int(sum(v.numel() for v in bank.others_sum.values()))
             full = sum(s.d_out * s.d_in for s in bank.specs) + others
@@ -1192,7 +1197,7 @@ class Bench:
                               + _nbytes(bank.others_sum.values()), bank.specs, full, s["experts_total"],
                               s["reduction_rate"])
             row["bank"] = str(f.parent)
-            row["variant"] = config_variant(bank.config)
+            row["variant"] = variant
             row["bank_files_bytes"] = sum(p.stat().st_size for p in f.parent.iterdir() if p.is_file())
             rows.append(row)
         return {"source": f"banks read from {root}", "rows": rows, "summary": memory_summary(rows),

@@ -354,19 +354,21 @@ def test_memory_suite_on_saved_banks(tmp_path: Path) -> None:
     bank("g/made_it/seed44", 2, 2)
     bank("g/made_it-rank_ratio=1/seed42", 3, 0, rank_ratio=1.0)
     bank("g/made_it-anchor=signed/seed42", 3, 0)                      # the same bank as made_it/seed42
+    bank("g/made_it-others=pretrained/seed42", 3, 0, others="pretrained")   # the same tensors, another variant
     settings = B.BenchSettings.make(suites=["memory"], shapes=["tiny-vit"], quick=True, device="cpu",
                                     banks=str(tmp_path))
     res = B.run_bench(settings, tmp_path / "mem.json")
     sec = res["sections"]["memory"]["banks"]
-    assert sorted(r["variant"] for r in sec["rows"]) == ["default"] * 3 + ["rank_ratio=1"]
+    assert sorted(r["variant"] for r in sec["rows"]) == ["default"] * 3 + ["others=pretrained", "rank_ratio=1"]
     (dup,) = sec["duplicates_skipped"]                                  # the identical bank is read once
     assert {Path(dup["bank"]).parent.name, Path(dup["same_as"]).parent.name} == {"made_it", "made_it-anchor=signed"}
     summ = {(r["variant"], r["T"]): r for r in sec["summary"]}
-    assert set(summ) == {("default", 2), ("default", 3), ("rank_ratio=1", 3)} and summ[("default", 3)]["banks"] == 2
+    assert set(summ) == {("default", 2), ("default", 3), ("others=pretrained", 3), ("rank_ratio=1", 3)}
+    assert summ[("default", 3)]["banks"] == 2
     default3 = [r for r in sec["rows"] if r["variant"] == "default" and r["T"] == 3]
     ratios = [r["ratio_bank_total_to_mingle"] for r in default3]
     assert summ[("default", 3)]["ratio_bank_total_to_mingle_max"] == max(ratios)
-    variant = next(r for r in sec["rows"] if r["variant"] != "default")
+    variant = next(r for r in sec["rows"] if r["variant"] == "rank_ratio=1")
     assert variant["ratio_bank_total_to_mingle"] > max(ratios)         # full-rank experts: a larger bank ...
     t = res["targets"]["memory_banks_T3"]
     assert t["value"] == max(ratios) and t["banks"] == 2                # ... that the target does not read
