@@ -52,7 +52,7 @@ import torch
 from torch import nn
 
 import madeit_core
-from madeit_core.bench_report import FORMAT, case_columns
+from madeit_core.bench_report import FORMAT, case_columns, memory_summary
 from madeit_core.errors import MergeInputError
 from madeit_core.experts import EvolutionConfig, ExpertBank
 from madeit_core.geometry import (
@@ -1349,26 +1349,6 @@ def config_variant(config: EvolutionConfig) -> str:
     diff = [f"{k}={got[k]:g}" if isinstance(got[k], float) else f"{k}={got[k]}"
             for k in got if got[k] != default.get(k)]
     return ",".join(diff) or "default"
-
-
-def memory_summary(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Memory rows grouped by (variant, T): the number of banks and the mean / min / max of the
-    bank's parameters and of its ratios to MINGLE and to T full models."""
-    groups: dict[tuple[str, int], list[dict[str, Any]]] = {}
-    for r in rows:
-        groups.setdefault((r.get("variant", "default"), r["T"]), []).append(r)
-    out = []
-    for (variant, T), rs in sorted(groups.items(), key=lambda kv: (kv[0][0] != "default", kv[0][0], kv[0][1])):
-        row: dict[str, Any] = {"variant": variant, "T": T, "banks": len(rs),
-                               "mingle_parameters": rs[0]["mingle_parameters"]["experts_and_gates"],
-                               "full_models_parameters": rs[0]["full_models_parameters"]}
-        for key in ("made_it_bank_parameters", "made_it_expert_parameters", "made_it_bank_bytes",
-                    "made_it_experts_total", "ratio_bank_total_to_mingle",
-                    "ratio_experts_to_mingle", "ratio_bank_total_to_full_models"):
-            vals = [r[key] for r in rs]
-            row[f"{key}_mean"], row[f"{key}_min"], row[f"{key}_max"] = statistics.fmean(vals), min(vals), max(vals)
-        out.append(row)
-    return out
 
 
 def _memory_row(T: int, expert_params: int, others_params: int, bank_bytes: int, specs: Sequence[ModuleSpec],

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+import statistics
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -116,14 +117,40 @@ def _routed(res: Mapping[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
+def memory_summary(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Memory rows grouped by (variant, T): the number of banks and the mean / min / max of the
+    bank's parameters and of its ratios to MINGLE and to T full models."""
+    groups: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault((r.get("variant", "default"), r["T"]), []).append(r)
+    out = []
+    for (variant, T), rs in sorted(groups.items(), key=lambda kv: (kv[0][0] != "default", kv[0][0], kv[0][1])):
+        row: dict[str, Any] = {"variant": variant, "T": T, "banks": len(rs),
+                               "mingle_parameters": rs[0]["mingle_parameters"]["experts_and_gates"],
+                               "full_models_parameters": rs[0]["full_models_parameters"]}
+        for key in ("made_it_bank_parameters", "made_it_expert_parameters", "made_it_bank_bytes",
+                    "made_it_experts_total", "ratio_bank_total_to_mingle",
+                    "ratio_experts_to_mingle", "ratio_bank_total_to_full_models"):
+            vals = [r[key] for r in rs]
+            row[f"{key}_mean"], row[f"{key}_min"], row[f"{key}_max"] = statistics.fmean(vals), min(vals), max(vals)
+        out.append(row)
+    return out
+
+
 def _memory(res: Mapping[str, Any]) -> list[dict[str, Any]]:
     """One row per (unit, T): a synthetic bank's own row, or, for real banks (``--banks``), the
     mean over the banks of MADE-IT's default configuration (``summary``; the ablation variants'
     banks stay in the file) with their number and the largest ratio to MINGLE."""
     rows = []
     for unit, sec in res["sections"].get("memory", {}).items():
-        if sec.get("summary"):
-            for r in sec["summary"]:
+        summary = sec.get("summary")
+        if summary is None and str(sec.get("source", "")).startswith("banks"):
+            # files written before banks were labelled: every bank counts, whatever its configuration
+            summary = memory_summary([{**r, "variant": "default"} for r in sec.get("rows", [])])
+            for r in summary:
+                r["variant_note"] = "all banks below --banks (this file predates configuration labels)"
+        if summary:
+            for r in summary:
                 if r["variant"] != "default":
                     continue
                 rows.append({"unit": unit, "source": sec.get("source"), "T": r["T"], "banks": r["banks"],
@@ -136,7 +163,8 @@ def _memory(res: Mapping[str, Any]) -> list[dict[str, Any]]:
                              "ratio_to_mingle": r["ratio_bank_total_to_mingle_mean"],
                              "ratio_to_mingle_max": r["ratio_bank_total_to_mingle_max"],
                              "ratio_experts_to_mingle": r["ratio_experts_to_mingle_mean"],
-                             "ratio_to_full_models": r["ratio_bank_total_to_full_models_mean"]})
+                             "ratio_to_full_models": r["ratio_bank_total_to_full_models_mean"],
+                             "note": r.get("variant_note")})
             continue
         for r in sec.get("rows", []):
             rows.append({"unit": unit, "source": sec.get("source"), "T": r["T"],
@@ -423,5 +451,5 @@ def _svd_figure(svd: Mapping[str, Any]) -> Figure:
     return fig
 
 
-__all__ = ["FORMAT", "PHASES", "case_columns", "case_rows", "figures", "load_bench", "markdown", "summary_markdown",
-           "tables"]
+__all__ = ["FORMAT", "PHASES", "case_columns", "case_rows", "figures", "load_bench", "markdown", "memory_summary",
+           "summary_markdown", "tables"]

@@ -375,4 +375,12 @@ def test_memory_suite_on_saved_banks(tmp_path: Path) -> None:
     rows = R.tables(res)["memory"]
     assert [(r["T"], r["banks"]) for r in rows] == [(2, 1), (3, 2)]
     assert rows[1]["ratio_to_mingle_max"] == max(ratios)
+    # a file written before banks were labelled: every bank counts, and the table says so
+    old = json.loads(json.dumps(res))
+    sec_old = old["sections"]["memory"]["banks"]
+    del sec_old["summary"]
+    for r in sec_old["rows"]:
+        del r["variant"]
+    rows_old = R.tables(old)["memory"]
+    assert [(r["T"], r["banks"]) for r in rows_old] == [(2, 1), (3, 4)] and "predates" in rows_old[1]["note"]
     assert B.config_variant(EvolutionConfig(margin=0.5, svd="exact")) == "margin=0.5,svd=exact"
