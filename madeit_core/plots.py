@@ -138,6 +138,27 @@ def routing_figure(curves: Mapping[str, Sequence[float | None]], title: str = ""
     return fig
 
 
+def routing_acc_figure(groups: Mapping[str, Mapping[str, Any]], title: str = "") -> Figure:
+    """One point per order: final routing accuracy (%, mean over tasks) against ACC (%), a colour
+    per group (``groups``: group → :func:`~madeit_core.reproduce.routing_vs_acc`), Pearson r in
+    the legend."""
+    fig, ax = plt.subplots(figsize=(5.5, 3.4))
+    for name, d in groups.items():
+        pts = d["points"]
+        if not pts:
+            continue
+        r = d.get("r")
+        ax.scatter([p[0] for p in pts], [p[1] for p in pts], s=16,
+                   label=f"{name} (r = {r:.2f})" if r is not None else name)
+    ax.set_xlabel("final routing accuracy, mean over tasks (%)")
+    ax.set_ylabel("ACC (%)")
+    ax.set_xlim(-2, 102)
+    ax.legend(fontsize=7)
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
 def table_markdown(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> str:
     """A markdown table from dict rows (for glue-free display in notebooks)."""
     head = "| " + " | ".join(columns) + " |\n|" + "---|" * len(columns) + "\n"

@@ -131,6 +131,24 @@ def routing_by_step(results: Sequence[Mapping[str, Any]]) -> list[float | None]:
     return out
 
 
+def routing_vs_acc(results: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Per run (order): the final routing accuracy (%, mean over tasks) and ACC (%), and their
+    Pearson correlation over the runs (None with fewer than 3 runs or no spread).
+
+    Returns ``{"points": [(routing, ACC, seed), ...], "r": float | None}``; runs without a
+    recorded routing accuracy are left out."""
+    pts = []
+    for r in results:
+        final = {t: v for t, v in (r.get("routing_accuracy_final") or {}).items() if v is not None}
+        if final:
+            pts.append((100 * statistics.fmean(final.values()), float(r["ACC"]), r.get("seed")))
+    corr = None
+    xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+    if len(pts) >= 3 and len(set(xs)) > 1 and len(set(ys)) > 1:
+        corr = statistics.correlation(xs, ys)
+    return {"points": pts, "r": corr}
+
+
 def routing_per_task(results: Sequence[Mapping[str, Any]]) -> dict[str, float]:
     """task → routing accuracy (%) of the final model, mean over the orders that recorded it."""
     acc: dict[str, list[float]] = {}

@@ -418,3 +418,24 @@ def test_grid_status_counts_orders_medians_and_time_left() -> None:
     assert "2 of 6 protocol runs recorded; the rest would take about 20 s" in md
     assert "1 group rows with no finished run yet" in md
     assert grid_status(None, jobs, "offline")[0]["done"] == 0
+
+
+def test_routing_vs_acc() -> None:
+    """One point per run with a recorded routing accuracy; Pearson r over ≥ 3 runs with spread."""
+    from madeit_core.plots import routing_acc_figure
+    from madeit_core.reproduce import routing_vs_acc
+
+    def run(seed, routing, acc):
+        return {"seed": seed, "ACC": acc, "routing_accuracy_final": routing}
+
+    runs = [run(1, {"a": 1.0, "b": 0.5}, 70.0), run(2, {"a": 0.0, "b": 0.5}, 40.0),
+            run(3, {"a": 0.5, "b": None}, 55.0), run(4, None, 90.0)]
+    d = routing_vs_acc(runs)
+    assert d["points"] == [(75.0, 70.0, 1), (25.0, 40.0, 2), (50.0, 55.0, 3)]
+    assert d["r"] == pytest.approx(1.0)
+    d2 = routing_vs_acc([run(1, {"a": 1.0}, 70.0), run(2, {"a": 0.0}, 80.0), run(3, {"a": 0.5}, 60.0)])
+    assert d2["r"] == pytest.approx(-0.5)
+    assert routing_vs_acc(runs[:2])["r"] is None                         # too few orders
+    assert routing_vs_acc([run(i, {"a": 1.0}, 50.0 + i) for i in range(3)])["r"] is None   # no spread
+    fig = routing_acc_figure({"g": d, "empty": routing_vs_acc([])}, title="t")
+    assert len(fig.axes[0].collections) == 1 and "r = 1.00" in fig.axes[0].get_legend().get_texts()[0].get_text()
