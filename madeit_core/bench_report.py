@@ -242,10 +242,12 @@ def summary_markdown(res: Mapping[str, Any]) -> str:
              "### Routed inference", markdown(t["routed"], ["shape", "batch", "static_latency_s", "routed_latency_s",
                                                             "throughput_ratio", "grouped_by_path_ratio",
                                                             "one_path_ratio", "path_groups", "modules_dense"]),
-             "### Memory (real banks: mean over the orders of MADE-IT's default configuration)",
+             "### Memory (real banks: mean over the orders of MADE-IT's default configuration, "
+             "unless the note says otherwise)",
              markdown(t["memory"], ["unit", "T", "banks", "made_it_bank_parameters", "mingle_parameters",
                                     "full_models_parameters", "ratio_to_mingle", "ratio_to_mingle_max",
-                                    "ratio_to_full_models"]),
+                                    "ratio_to_full_models"]
+                      + (["note"] if any(r.get("note") for r in t["memory"]) else [])),
              "### Top-k SVD accuracy", markdown(t["svd"], ["unit", "variant", "cases", "min_affinity",
                                                            "min_affinity_stable_cases", "median_speedup_vs_exact"])]
     if t["skipped"]:
