@@ -33,8 +33,17 @@ def _spearman(x: Sequence[float], y: Sequence[float]) -> float:
     return statistics.correlation(rx, ry)
 
 
+def _acc_by_order(runs: Sequence[Mapping[str, Any]]) -> dict[tuple[str, str], dict[Any, float]]:
+    """(label, group) → order seed → ACC, from per-run results (label as in ``summary_rows``)."""
+    out: dict[tuple[str, str], dict[Any, float]] = {}
+    for r in runs:
+        out.setdefault((r.get("label") or r["method"], r["group"]), {})[r["seed"]] = r["ACC"]
+    return out
+
+
 def beats_rivals(rows: Sequence[Mapping[str, Any]], ours: str = "MADE-IT",
-                 rivals: Sequence[str] | None = None) -> dict[str, Any]:
+                 rivals: Sequence[str] | None = None,
+                 runs: Sequence[Mapping[str, Any]] | None = None) -> dict[str, Any]:
     """Claim: MADE-IT has the best ACC of all merging methods, in every group.
 
     Rule: per group, MADE-IT's mean ACC is compared with each rival's. Reproduced when it is the
@@ -42,7 +51,15 @@ def beats_rivals(rows: Sequence[Mapping[str, Any]], ours: str = "MADE-IT",
     not reproduced otherwise. Reference rows (pre-trained, individual fine-tuned) are excluded by
     passing ``rivals``; a named rival with no result in a group is listed in that group's
     evidence (``missing``), so a verdict over a partial grid says which comparisons it lacks.
+
+    With ``runs`` (the per-order results behind ``rows``), each comparison is *paired*: both means
+    are taken over the orders both methods ran, so a rival with fewer finished orders is compared
+    with MADE-IT on those orders only (their number is in the evidence), never with MADE-IT's mean
+    over orders the rival has not seen. A rival with no order in common counts as missing. Without
+    ``runs``, the row means are compared as they are (the rule as first written; it assumed
+    complete grids).
     """
+    per = _acc_by_order(runs) if runs is not None else None
     groups = sorted({r["group"] for r in rows})
     wins, comparisons, best_in = 0, 0, []
     detail = {}
@@ -50,17 +67,33 @@ def beats_rivals(rows: Sequence[Mapping[str, Any]], ours: str = "MADE-IT",
         in_g = {r["method"]: r for r in rows if r["group"] == g}
         if ours not in in_g:
             continue
-        others = [m for m in in_g if m != ours and (rivals is None or m in rivals)]
-        beaten = [m for m in others if in_g[ours]["ACC"] > in_g[m]["ACC"]]
+        named = [m for m in in_g if m != ours and (rivals is None or m in rivals)]
+        pairs: dict[str, tuple[float, float, int | None]] = {}
+        for m in named:
+            if per is None:
+                pairs[m] = (in_g[ours]["ACC"], in_g[m]["ACC"], None)
+                continue
+            a, b = per.get((ours, g), {}), per.get((m, g), {})
+            common = sorted(set(a) & set(b), key=str)
+            if common:
+                pairs[m] = (statistics.fmean(a[s] for s in common), statistics.fmean(b[s] for s in common),
+                            len(common))
+        others = list(pairs)
+        beaten = [m for m in others if pairs[m][0] > pairs[m][1]]
         wins += len(beaten)
         comparisons += len(others)
         if others and len(beaten) == len(others):
             best_in.append(g)
-        best_rival = max(others, key=lambda m: in_g[m]["ACC"]) if others else None
+        best_rival = min(others, key=lambda m: pairs[m][0] - pairs[m][1]) if others else None
+        n_ours = len(per.get((ours, g), {})) if per is not None else None
         detail[g] = {"ours": in_g[ours]["ACC"], "best_rival": best_rival,
-                     "best_rival_acc": in_g[best_rival]["ACC"] if best_rival else None,
+                     "best_rival_acc": pairs[best_rival][1] if best_rival else None,
+                     "ours_on_common": pairs[best_rival][0] if best_rival else None,
+                     "common_orders": pairs[best_rival][2] if best_rival else None,
+                     "orders": n_ours,
                      "beaten": len(beaten), "rivals": len(others),
-                     "missing": [m for m in (rivals or []) if m != ours and m not in in_g]}
+                     "paired": {m: {"ours": p[0], "rival": p[1], "orders": p[2]} for m, p in pairs.items()},
+                     "missing": [m for m in (rivals or named) if m != ours and m not in pairs]}
     if comparisons == 0:
         return {"verdict": NOT, "evidence": "no comparable results", "groups": detail}
     if len(best_in) == len(detail):
@@ -69,8 +102,15 @@ def beats_rivals(rows: Sequence[Mapping[str, Any]], ours: str = "MADE-IT",
         verdict = PARTLY
     else:
         verdict = NOT
-    parts = [f"{g}: {d['ours']:.1f} vs best rival {d['best_rival']} {d['best_rival_acc']:.1f} "
-             f"(beats {d['beaten']}/{d['rivals']}"
+
+    def closest(d: Mapping[str, Any]) -> str:
+        text = f"{d['ours']:.1f} vs best rival {d['best_rival']} {d['best_rival_acc']:.1f}"
+        if d["common_orders"] is not None and d["common_orders"] != d["orders"]:
+            text += (f" on the {d['common_orders']} order{'s' if d['common_orders'] != 1 else ''} it ran"
+                     f" (MADE-IT {d['ours_on_common']:.1f} on those)")
+        return text
+
+    parts = [f"{g}: {closest(d)} (beats {d['beaten']}/{d['rivals']}"
              + (f"; no results for {', '.join(d['missing'])}" if d["missing"] else "") + ")"
              for g, d in detail.items() if d["best_rival"] is not None]
     return {"verdict": verdict, "evidence": "; ".join(parts), "groups": detail, "wins": wins,
