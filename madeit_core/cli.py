@@ -231,6 +231,7 @@ def _cmd_bench(a: argparse.Namespace) -> int:
                                   banks=a.banks, methods=csv(a.methods),
                                   batch_sizes=[int(x) for x in csv(a.batch_sizes)] if a.batch_sizes else None,
                                   scaling_tasks=a.scaling_tasks, threads=a.threads,
+                                  absorb_shapes=csv(a.absorb_shapes), routed_shapes=csv(a.routed_shapes),
                                   finetuned=[str(p) for p in a.finetuned] if a.finetuned else None)
     if a.steps is not None:
         settings.steps = {k: a.steps for k in settings.shapes}
@@ -342,6 +343,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--steps", type=int, help="models absorbed per sequence (all shapes)")
     b.add_argument("--repeats", type=int, help="sequences per method (all shapes)")
     b.add_argument("--batch-sizes", help="comma list (default 1,128)")
+    b.add_argument("--absorb-shapes", help="shapes the absorb suite runs (default: --shapes; vit-l14 only on a GPU)")
+    b.add_argument("--routed-shapes", help="shapes the routed suite runs (default: --shapes; vit-l14 only on a GPU)")
     b.add_argument("--scaling-tasks", type=int, help="T of the scaling suite (default 20)")
     b.add_argument("--threads", type=int, help="torch CPU threads (default: torch's; 1 on a shared machine)")
     b.add_argument("--finetuned", nargs="+", metavar="SAFETENSORS",

@@ -13,7 +13,7 @@ import torch
 
 from madeit_core import bench as B
 from madeit_core import bench_report as R
-from madeit_core.cli import main
+from madeit_core.cli import build_parser, main
 from madeit_core.timing import Recorder, patch_linalg, recording, timed
 
 
@@ -244,6 +244,24 @@ def test_slow_shapes_are_listed_as_skipped_on_the_cpu(tmp_path: Path) -> None:
     assert bench._units("absorb") == ["tiny-vit"] and bench._units("routed") == ["tiny-vit"]
     assert bench._units("svd") == ["tiny-vit", "vit-l14"]
     assert {(x["suite"], x["unit"]) for x in bench.skipped()} == {("absorb", "vit-l14"), ("routed", "vit-l14")}
+    # asked for explicitly (the CLI's --absorb-shapes), ViT-L/14 absorbs on the CPU too
+    s = B.BenchSettings.make(shapes=["tiny-vit", "vit-l14"], quick=True, device="cpu", absorb_shapes=["vit-l14"])
+    bench = B.Bench(s, tmp_path / "y.json")
+    assert bench._units("absorb") == ["vit-l14"] and bench._units("routed") == ["tiny-vit"]
+    assert {(x["suite"], x["unit"]) for x in bench.skipped()} == {("absorb", "tiny-vit"), ("routed", "vit-l14")}
+    args = build_parser().parse_args(["bench", "--absorb-shapes", "vit-l14", "--routed-shapes", "vit-b32,efficientnet"])
+    assert args.absorb_shapes == "vit-l14" and args.routed_shapes == "vit-b32,efficientnet"
+
+
+def test_absorb_targets_are_not_evaluated_on_other_full_shapes(quick: tuple[Path, dict[str, Any]]) -> None:
+    """The ≤ 0.25× OPCM and ≤ 3 s limits name ViT-B/32: a ViT-L/14-only file gets no absorb target."""
+    out, _ = quick
+    bench = B.Bench(B.BenchSettings.make(quick=True, device="cpu"), out)
+    sec = bench.results["sections"]
+    absorb = sec["absorb"] = {"vit-l14": sec["absorb"]["tiny-vit"]}
+    assert not [k for k in bench.targets() if k.startswith("absorb_")]
+    absorb["vit-b32"] = absorb["vit-l14"]
+    assert "absorb_vit-b32_made_it_absolute" in bench.targets()
 
 
 # ============================================================================ the report helper
