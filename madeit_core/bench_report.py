@@ -233,23 +233,33 @@ def markdown(rows: list[dict[str, Any]], columns: list[str] | None = None) -> st
 
 
 def summary_markdown(res: Mapping[str, Any]) -> str:
-    """Targets, absorb, routed and memory tables of a results file, as markdown (for READMEs)."""
+    """Targets, absorb, routed, memory and SVD tables of a results file, as markdown (for READMEs).
+
+    A suite the run did not include (``--suite``) gets no heading; one it ran with no rows says so."""
     t = tables(res)
-    parts = ["### Targets", markdown(t["targets"], ["name", "target", "value", "pass"]),
-             "### Absorb cost per incoming model (seconds, median of steps ≥ 2)",
-             markdown(t["absorb"], ["shape", "method", "absorb_s", "total_s", "vs_opcm", "svd_s", "linalg_s",
-                                    "affinity_s", "merge_s", "io_load_s", "io_state_s", "svd_ratio_to_bound"]),
-             "### Routed inference", markdown(t["routed"], ["shape", "batch", "static_latency_s", "routed_latency_s",
-                                                            "throughput_ratio", "grouped_by_path_ratio",
-                                                            "one_path_ratio", "path_groups", "modules_dense"]),
-             "### Memory (real banks: mean over the orders of MADE-IT's default configuration, "
-             "unless the note says otherwise)",
-             markdown(t["memory"], ["unit", "T", "banks", "made_it_bank_parameters", "mingle_parameters",
-                                    "full_models_parameters", "ratio_to_mingle", "ratio_to_mingle_max",
-                                    "ratio_to_full_models"]
-                      + (["note"] if any(r.get("note") for r in t["memory"]) else [])),
-             "### Top-k SVD accuracy", markdown(t["svd"], ["unit", "variant", "cases", "min_affinity",
-                                                           "min_affinity_stable_cases", "median_speedup_vs_exact"])]
+    ran = res.get("sections", {})
+    parts = ["### Targets", markdown(t["targets"], ["name", "target", "value", "pass"]) if t["targets"]
+             else "(no target applies to what this run measured)"]
+    if "absorb" in ran:
+        parts += ["### Absorb cost per incoming model (seconds, median of steps ≥ 2)",
+                  markdown(t["absorb"], ["shape", "method", "absorb_s", "total_s", "vs_opcm", "svd_s", "linalg_s",
+                                         "affinity_s", "merge_s", "io_load_s", "io_state_s", "svd_ratio_to_bound"])]
+    if "routed" in ran:
+        parts += ["### Routed inference", markdown(t["routed"], ["shape", "batch", "static_latency_s",
+                                                                 "routed_latency_s", "throughput_ratio",
+                                                                 "grouped_by_path_ratio", "one_path_ratio",
+                                                                 "path_groups", "modules_dense"])]
+    if "memory" in ran:
+        parts += ["### Memory (real banks: mean over the orders of MADE-IT's default configuration, "
+                  "unless the note says otherwise)",
+                  markdown(t["memory"], ["unit", "T", "banks", "made_it_bank_parameters", "mingle_parameters",
+                                         "full_models_parameters", "ratio_to_mingle", "ratio_to_mingle_max",
+                                         "ratio_to_full_models"]
+                           + (["note"] if any(r.get("note") for r in t["memory"]) else []))]
+    if "svd" in ran:
+        parts += ["### Top-k SVD accuracy", markdown(t["svd"], ["unit", "variant", "cases", "min_affinity",
+                                                                "min_affinity_stable_cases",
+                                                                "median_speedup_vs_exact"])]
     if t["skipped"]:
         parts += ["### Not measured", markdown(t["skipped"])]
     return "\n\n".join(parts) + "\n"

@@ -402,3 +402,12 @@ def test_memory_suite_on_saved_banks(tmp_path: Path) -> None:
     rows_old = R.tables(old)["memory"]
     assert [(r["T"], r["banks"]) for r in rows_old] == [(2, 1), (3, 4)] and "predates" in rows_old[1]["note"]
     assert B.config_variant(EvolutionConfig(margin=0.5, svd="exact")) == "margin=0.5,svd=exact"
+
+
+def test_summary_leaves_out_suites_the_run_did_not_include(quick: tuple[Path, dict[str, Any]]) -> None:
+    _, res = quick
+    full = R.summary_markdown(res)
+    assert "### Routed inference" in full and "### Absorb cost" in full
+    part = {**res, "sections": {k: v for k, v in res["sections"].items() if k == "absorb"}}
+    text = R.summary_markdown(part)
+    assert "### Absorb cost" in text and "### Routed inference" not in text and "### Top-k SVD" not in text
