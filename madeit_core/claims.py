@@ -68,32 +68,29 @@ def beats_rivals(rows: Sequence[Mapping[str, Any]], ours: str = "MADE-IT",
         if ours not in in_g:
             continue
         named = [m for m in in_g if m != ours and (rivals is None or m in rivals)]
-        pairs: dict[str, tuple[float, float, int | None]] = {}
+        paired: dict[str, dict[str, Any]] = {}   # rival → MADE-IT's and its mean ACC, over `orders` common orders
         for m in named:
             if per is None:
-                pairs[m] = (in_g[ours]["ACC"], in_g[m]["ACC"], None)
+                paired[m] = {"ours": in_g[ours]["ACC"], "rival": in_g[m]["ACC"], "orders": None}
                 continue
             a, b = per.get((ours, g), {}), per.get((m, g), {})
-            common = sorted(set(a) & set(b), key=str)
+            common = set(a) & set(b)
             if common:
-                pairs[m] = (statistics.fmean(a[s] for s in common), statistics.fmean(b[s] for s in common),
-                            len(common))
-        others = list(pairs)
-        beaten = [m for m in others if pairs[m][0] > pairs[m][1]]
+                paired[m] = {"ours": statistics.fmean(a[s] for s in common),
+                             "rival": statistics.fmean(b[s] for s in common), "orders": len(common)}
+        beaten = [m for m, p in paired.items() if p["ours"] > p["rival"]]
         wins += len(beaten)
-        comparisons += len(others)
-        if others and len(beaten) == len(others):
+        comparisons += len(paired)
+        if paired and len(beaten) == len(paired):
             best_in.append(g)
-        best_rival = min(others, key=lambda m: pairs[m][0] - pairs[m][1]) if others else None
-        n_ours = len(per.get((ours, g), {})) if per is not None else None
+        best_rival = min(paired, key=lambda m: paired[m]["ours"] - paired[m]["rival"]) if paired else None
+        closest = paired.get(best_rival, {})
         detail[g] = {"ours": in_g[ours]["ACC"], "best_rival": best_rival,
-                     "best_rival_acc": pairs[best_rival][1] if best_rival else None,
-                     "ours_on_common": pairs[best_rival][0] if best_rival else None,
-                     "common_orders": pairs[best_rival][2] if best_rival else None,
-                     "orders": n_ours,
-                     "beaten": len(beaten), "rivals": len(others),
-                     "paired": {m: {"ours": p[0], "rival": p[1], "orders": p[2]} for m, p in pairs.items()},
-                     "missing": [m for m in (rivals or named) if m != ours and m not in pairs]}
+                     "best_rival_acc": closest.get("rival"), "ours_on_common": closest.get("ours"),
+                     "common_orders": closest.get("orders"),
+                     "orders": len(per.get((ours, g), {})) if per is not None else None,
+                     "beaten": len(beaten), "rivals": len(paired), "paired": paired,
+                     "missing": [m for m in (rivals or named) if m != ours and m not in paired]}
     if comparisons == 0:
         return {"verdict": NOT, "evidence": "no comparable results", "groups": detail}
     if len(best_in) == len(detail):

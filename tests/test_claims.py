@@ -33,7 +33,6 @@ def test_beats_rivals() -> None:
     assert "g8: 80.0 vs best rival OPCM 70.0 (beats 1/1; no results for ODE-M)" in r["evidence"]
 
 
-
 def test_beats_rivals_pairs_orders() -> None:
     """With per-order runs, a rival that ran fewer orders is compared on those orders only."""
     runs = ([{"method": "MADE-IT", "group": "g8", "seed": s, "ACC": a} for s, a in ((1, 60), (2, 60), (3, 80))]
@@ -53,6 +52,7 @@ def test_beats_rivals_pairs_orders() -> None:
     # the closest rival is the smallest margin (OPCM, +2.5), with its order count in the evidence
     assert g["best_rival"] == "OPCM"
     assert "66.7 vs best rival OPCM 57.5 on the 2 orders it ran (MADE-IT 60.0 on those)" in r["evidence"]
+
 
 def test_generic_to_specific() -> None:
     up = {0: {"experts_mean": 1.0}, 1: {"experts_mean": 2.0}, 2: {"experts_mean": 4.0}}
