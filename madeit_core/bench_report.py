@@ -232,6 +232,47 @@ def markdown(rows: list[dict[str, Any]], columns: list[str] | None = None) -> st
     return head + "\n".join("| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |" for r in rows)
 
 
+#: Text columns that would make very tall table rows: shown below the table instead of in it.
+NOTE_COLUMNS = ("note", "over")
+
+
+def _rows_text(rows: list[int]) -> str:
+    """``[1, 2, 3, 7]`` as ``rows 1–3, 7`` (``row 5`` for one)."""
+    spans: list[list[int]] = []
+    for r in rows:
+        if spans and r == spans[-1][1] + 1:
+            spans[-1][1] = r
+        else:
+            spans.append([r, r])
+    text = ", ".join(f"{a}" if a == b else f"{a}–{b}" for a, b in spans)
+    return f"row {text}" if len(rows) == 1 else f"rows {text}"
+
+
+def table_markdown(name: str, rows: list[dict[str, Any]]) -> str:
+    """``**name**``, the markdown table of ``rows`` and, below it, the text of :data:`NOTE_COLUMNS`.
+
+    A long sentence squeezed into a cell makes a very tall row, so such a column leaves the table:
+    a value shared by every row is stated once under it; otherwise each distinct value is stated
+    once with the row numbers (1-based) it belongs to.
+    """
+    cols = list(dict.fromkeys(k for r in rows for k in r))
+    lifted = [c for c in NOTE_COLUMNS if c in cols and any(r.get(c) for r in rows)]
+    kept = [c for c in cols if c not in lifted]
+    notes = []
+    for c in lifted:
+        vals = [r.get(c) for r in rows]
+        label = "Note" if c == "note" else f"`{c}`"
+        if len(set(map(str, vals))) == 1:
+            notes.append(f"*{label}* (every row): {vals[0]}")
+            continue
+        by_value: dict[str, list[int]] = {}
+        for i, v in enumerate(vals, 1):
+            if v:
+                by_value.setdefault(str(v), []).append(i)
+        notes.extend(f"*{label}*, {_rows_text(rows_)}: {v}" for v, rows_ in by_value.items())
+    return f"**{name}**\n\n" + markdown(rows, kept) + "".join(f"\n\n{n}" for n in notes)
+
+
 def summary_markdown(res: Mapping[str, Any]) -> str:
     """Targets, absorb, routed, memory and SVD tables of a results file, as markdown (for READMEs).
 

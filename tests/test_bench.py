@@ -296,6 +296,20 @@ def test_report_tables_and_figures_read_the_file(quick: tuple[Path, dict[str, An
     assert R.tables(only_svd)["absorb"] == [] and set(R.figures(only_svd)) == {"svd_accuracy"}
 
 
+def test_table_markdown_lifts_long_text_out_of_the_cells():
+    shared = [{"m": "a", "s": 1.0, "over": "steps ≥ 2"}, {"m": "b", "s": 2.0, "over": "steps ≥ 2"}]
+    md = R.table_markdown("absorb", shared)
+    assert md.startswith("**absorb**\n\n| m | s |\n") and "| b | 2 |" in md
+    assert md.endswith("*`over`* (every row): steps ≥ 2") and md.count("steps ≥ 2") == 1
+    differ = [{"m": "a", "note": "first"}, {"m": "b", "note": None}, {"m": "c", "note": "third"}]
+    md = R.table_markdown("targets", differ)
+    assert "| m |\n" in md and "*Note*, row 1: first" in md and "*Note*, row 3: third" in md and "row 2" not in md
+    grouped = [{"m": i, "over": "x" if i in (1, 2, 3, 5) else "y"} for i in range(1, 7)]
+    md = R.table_markdown("absorb", grouped)
+    assert md.endswith("*`over`*, rows 1–3, 5: x\n\n*`over`*, rows 4, 6: y")
+    assert R.table_markdown("x", [{"m": "a", "note": None}]).endswith("| a | – |")   # an empty column stays
+
+
 def test_report_refuses_other_files(tmp_path: Path, quick: tuple[Path, dict[str, Any]]) -> None:
 
     bad = tmp_path / "other.json"
