@@ -108,3 +108,50 @@ def test_same_padding_shortcut_is_exact(kernel: int, stride: int, size: int) -> 
             got = conv(x)
         assert got.shape == (4, 8, math.ceil(size / stride), math.ceil((size + 1) / stride))
         assert torch.equal(got, want)
+
+
+def test_explicit_same_padding_trains_through_the_padded_copy() -> None:
+    """Inside ``explicit_same_padding`` a stride-1 SameConv2d pads a copy (the path the zoo's recipe 2
+    checkpoints were trained on): its weight gradient is the padded copy's bit for bit. The block
+    restores the shortcut afterwards, also when it raises."""
+    import torch.nn.functional as F
+
+    from madeit_core.backbones import efficientnet as E
+
+    torch.manual_seed(0)
+    conv = E.SameConv2d(8, 8, 3, stride=1, groups=8)
+    x = torch.randn(4, 8, 16, 16)
+    g_out = torch.randn(4, 8, 16, 16)
+
+    def weight_grad(fn) -> torch.Tensor:
+        conv.weight.grad = None
+        fn().backward(g_out)
+        return conv.weight.grad.clone()
+
+    copy_grad = weight_grad(lambda: F.conv2d(F.pad(x, [1, 1, 1, 1]), conv.weight, None, 1, 0, 1, 8))
+    with E.explicit_same_padding():
+        assert E._explicit_padding
+        assert torch.equal(weight_grad(lambda: conv(x)), copy_grad)
+    assert not E._explicit_padding
+    with pytest.raises(RuntimeError), E.explicit_same_padding():
+        raise RuntimeError("boom")
+    assert not E._explicit_padding
+    with torch.no_grad(), E.explicit_same_padding():
+        inside = conv(x)
+    assert torch.equal(inside, conv(x).detach())   # forward: the same numbers either way
+
+
+def test_explicit_same_padding_switches_the_path(monkeypatch) -> None:
+    """The shortcut skips F.pad on symmetric padding; inside the block every such conv pads a copy."""
+    from madeit_core.backbones import efficientnet as E
+
+    calls = []
+    real_pad = E.F.pad
+    monkeypatch.setattr(E.F, "pad", lambda *a, **k: calls.append(1) or real_pad(*a, **k))
+    conv = E.SameConv2d(4, 4, 3, stride=1, groups=4)
+    x = torch.randn(1, 4, 8, 8)
+    conv(x)
+    assert calls == []
+    with E.explicit_same_padding():
+        conv(x)
+    assert calls == [1]

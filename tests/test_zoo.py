@@ -153,3 +153,21 @@ def test_zoo_report_checks(tiny):
     assert not bad["checks"]["gain_ok"] and bad["checks"]["not_beating"] == ["digits", "digits_inverted"]
     with pytest.raises(MergeInputError, match="no manifests"):
         zoo_report([], "g")
+
+
+def test_zoo_fine_tunes_through_the_padded_copy(tiny, monkeypatch):
+    """Recipe 2's checkpoints were trained with explicit SAME padding: the zoo's fine-tuning runs
+    inside ``explicit_same_padding`` (a rebuild then gives the same bits), C. Fine-Tuned outside it."""
+    from madeit_core import zoo as Z
+    from madeit_core.backbones import efficientnet as E
+
+    seen = []
+    real = Z.finetune
+
+    def spy(*args, **kwargs):
+        seen.append(E._explicit_padding)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(Z, "finetune", spy)
+    _zoo(tiny).build_task("digits")
+    assert seen == [True] and not E._explicit_padding
