@@ -129,9 +129,11 @@ def _cmd_run(a: argparse.Namespace) -> int:
 def _cmd_zoo_build(a: argparse.Namespace) -> int:
     import torch
 
+    from madeit_core.io import read_json
     from madeit_core.protocol import resolve_device
     from madeit_core.zoo import format_table, make_benchmark, summary_row
 
+    expected = read_json(a.expect) if a.expect else None   # read first: a wrong path fails before the build
     if a.threads:
         torch.set_num_threads(a.threads)
     device = resolve_device(a.device)
@@ -151,6 +153,14 @@ def _cmd_zoo_build(a: argparse.Namespace) -> int:
               f"(≥ {100 * c['min_gain']:.0f}: {c['gain_ok']}); every fine-tuned beats its probe: "
               f"{c['every_finetuned_beats_probe']}"
               + (f" (not: {', '.join(c['not_beating'])})" if c["not_beating"] else ""))
+    if expected is not None:
+        from madeit_core.zoo import compare_to_report
+
+        diffs = compare_to_report(manifests, expected)
+        if diffs:
+            print(f"differs from {a.expect} in {len(diffs)} of {len(manifests)} tasks:\n  " + "\n  ".join(diffs))
+            return 1
+        print(f"matches {a.expect}: {len(manifests)} tasks with the same cache keys and accuracies")
     return 0
 
 
@@ -296,9 +306,12 @@ def build_parser() -> argparse.ArgumentParser:
     zb.add_argument("--device", default="auto", help="auto (cuda when present), cpu or cuda")
     zb.add_argument("--data", help="mirror folder or pack .npz (default $MADEIT_DATA, else ../shared/data)")
     zb.add_argument("--cache", help="zoo cache folder (default $MADEIT_CACHE/zoo or ~/.cache/madeit/zoo)")
-    zb.add_argument("--threads", type=int, help="torch CPU threads")
+    zb.add_argument("--threads", type=int, help="torch CPU threads outside the build (each task is built with "
+                                                "zoo.BUILD_THREADS, the count the committed zoo was built with)")
     zb.add_argument("--force", action="store_true", help="rebuild tasks that are cached")
     zb.add_argument("--report", help="write the zoo's summary JSON (accuracies, times, recipe; no weights) here")
+    zb.add_argument("--expect", help="a committed summary (e.g. results/zoo/offline-20.json): exit 1 unless every "
+                                     "task has its cache key and accuracies")
     zb.set_defaults(func=_cmd_zoo_build)
 
     d = sub.add_parser("data", help="the offline data: check the mirror, make a pack, fetch from the internet")

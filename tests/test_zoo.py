@@ -171,3 +171,54 @@ def test_zoo_fine_tunes_through_the_padded_copy(tiny, monkeypatch):
     monkeypatch.setattr(Z, "finetune", spy)
     _zoo(tiny).build_task("digits")
     assert seen == [True] and not E._explicit_padding
+
+
+def test_compare_to_report_and_cli_expect(tiny, capsys):
+    """A rebuilt zoo is checked against a committed summary: same keys and accuracies, or the
+    differing tasks named (and ``madeit zoo build --expect`` exits 1)."""
+    from madeit_core.cli import main
+    from madeit_core.io import write_json
+    from madeit_core.zoo import compare_to_report, zoo_report
+
+    ms = _zoo(tiny).build(["digits", "digits_inverted"])
+    rep = zoo_report(ms, "g")
+    assert compare_to_report(ms, rep) == []
+    forged = json.loads(json.dumps(rep))
+    forged["tasks"][1]["finetuned"] += 0.004
+    forged["tasks"][0]["key"] = "0000"
+    diffs = compare_to_report(ms, forged)
+    assert len(diffs) == 2 and diffs[0].startswith("digits: key 0000 → ") and "finetuned" in diffs[1]
+    assert compare_to_report(ms, {"tasks": rep["tasks"][:1]})[0].startswith("digits_inverted: not in the report")
+    # the CLI, on the tiny profile's group (its cache is the one built above)
+    args = ["zoo", "build", "--profile", "tiny", "--group", "smoke-digits-4", "--cache", str(tiny / "zoo"),
+            "--data", str(tiny / "no-mirror"), "--device", "cpu"]
+    assert main([*args, "--report", str(tiny / "rep.json")]) == 0
+    assert main([*args, "--expect", str(tiny / "rep.json")]) == 0
+    assert "matches" in capsys.readouterr().out
+    bad = json.loads((tiny / "rep.json").read_text())
+    bad["tasks"][0]["probe"] = 0.0
+    write_json(tiny / "bad.json", bad)
+    assert main([*args, "--expect", str(tiny / "bad.json")]) == 1
+    assert "differs from" in capsys.readouterr().out
+    assert main([*args, "--expect", str(tiny / "missing.json")]) == 2
+    assert "missing.json" in capsys.readouterr().err
+
+
+def test_tasks_are_built_with_the_pinned_thread_count(tiny, monkeypatch):
+    """A caller on one thread (a grid process building a missing task) still builds with
+    BUILD_THREADS: the bits of the fine-tuned encoder depend on the thread count."""
+    from madeit_core import zoo as Z
+
+    seen = []
+    real = Z.finetune
+    monkeypatch.setattr(Z, "finetune", lambda *a, **k: seen.append(torch.get_num_threads()) or real(*a, **k))
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        m = _zoo(tiny).build_task("digits")
+        assert seen == [Z.BUILD_THREADS] and m["hardware"]["torch_threads"] == Z.BUILD_THREADS
+        assert torch.get_num_threads() == 1                      # restored
+        with Z.build_threads("cuda"):
+            assert torch.get_num_threads() == 1                  # a GPU build leaves the CPU setting alone
+    finally:
+        torch.set_num_threads(before)
