@@ -260,16 +260,14 @@ def table_markdown(name: str, rows: list[dict[str, Any]]) -> str:
     kept = [c for c in cols if c not in lifted]
     notes = []
     for c in lifted:
-        vals = [r.get(c) for r in rows]
         label = "Note" if c == "note" else f"`{c}`"
-        if len(set(map(str, vals))) == 1:
-            notes.append(f"*{label}* (every row): {vals[0]}")
-            continue
         by_value: dict[str, list[int]] = {}
-        for i, v in enumerate(vals, 1):
-            if v:
-                by_value.setdefault(str(v), []).append(i)
-        notes.extend(f"*{label}*, {_rows_text(rows_)}: {v}" for v, rows_ in by_value.items())
+        for i, r in enumerate(rows, 1):
+            if r.get(c):
+                by_value.setdefault(str(r[c]), []).append(i)
+        for v, where in by_value.items():
+            notes.append(f"*{label}* (every row): {v}" if len(where) == len(rows)
+                         else f"*{label}*, {_rows_text(where)}: {v}")
     return f"**{name}**\n\n" + markdown(rows, kept) + "".join(f"\n\n{n}" for n in notes)
 
 

@@ -129,7 +129,7 @@ def _cmd_run(a: argparse.Namespace) -> int:
 def _cmd_zoo_build(a: argparse.Namespace) -> int:
     import torch
 
-    from madeit_core.io import read_json
+    from madeit_core.io import read_json, write_json
     from madeit_core.protocol import resolve_device
     from madeit_core.zoo import format_table, make_benchmark, summary_row
 
@@ -143,7 +143,6 @@ def _cmd_zoo_build(a: argparse.Namespace) -> int:
     manifests = bench.zoo.build(tasks, force=a.force)
     print(format_table([summary_row(m) for m in manifests]))
     if a.report:
-        from madeit_core.io import write_json
         from madeit_core.zoo import zoo_report
 
         rep = zoo_report(manifests, a.group)
