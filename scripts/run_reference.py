@@ -6,9 +6,11 @@
 runs every protocol run and analysis the notebooks read (Table 1's methods, Table 2, the
 ablations, the ρ/λ sweeps, the pairwise scores of Figs. 4-5) on the profile's groups (offline:
 offline-8, offline-14, offline-20) and the first N orders (seeds 42 .. 42+N-1), writing
-results/reference/<profile>/... and a manifest with timings. It is resumable: run the same command
-again after an interruption. Only JSON is meant for git (the .gitignore leaves out the expert
-tensors, resume states and the evaluation cache).
+results/reference/<profile>/... and a manifest with timings. It is resumable: run the same
+command again after an interruption. Only JSON is meant for git (the .gitignore leaves out the
+expert tensors, resume states and the evaluation cache). Each process uses one torch thread unless
+``--threads`` says otherwise: run one process per core (they share the folder safely), and re-run
+a committed file with the thread count its manifest records to get it bit for bit.
 """
 
 from __future__ import annotations
@@ -45,8 +47,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--activation-cache-mb", type=float, default=5120,
                    help="budget of MADE-IT's cache of θ0's module inputs, shared by the runs of this process "
                         "(madeit_core.activation_cache; 5120 keeps every offline-20 test set; 0: off)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads of this process (default 1, as most committed runs: the bits of a run "
+                        "depend on it, and each run's file records it under manifest.hardware.torch_threads; "
+                        "0 keeps torch's default)")
     p.add_argument("-v", "--verbose", action="store_true")
     a = p.parse_args(argv)
+    if a.threads < 0:
+        p.error(f"--threads must be ≥ 0, got {a.threads}")
+    if a.threads:
+        import torch
+
+        torch.set_num_threads(a.threads)
     os.environ["MADEIT_ACTIVATION_CACHE_MB"] = str(a.activation_cache_mb)   # read at the cache's first use
     logging.basicConfig(level=logging.INFO if a.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:

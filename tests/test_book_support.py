@@ -291,6 +291,32 @@ def test_run_reference_script_dry_run() -> None:
     assert "toy-4:" in out.stdout and "total:" in out.stdout
 
 
+def test_run_reference_script_sets_the_thread_count(monkeypatch: pytest.MonkeyPatch,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    import importlib.util
+
+    import torch
+
+    spec = importlib.util.spec_from_file_location("run_reference_script", REPO / "scripts" / "run_reference.py")
+    assert spec is not None and spec.loader is not None
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        args = ["--profile", "smoke", "--benchmark", "toy", "--runs", "1", "--dry-run"]
+        assert script.main([*args, "--threads", "1"]) == 0
+        assert torch.get_num_threads() == 1           # the default a grid process runs with
+        torch.set_num_threads(2)
+        assert script.main([*args, "--threads", "0"]) == 0
+        assert torch.get_num_threads() == 2           # 0 leaves torch alone
+        with pytest.raises(SystemExit):
+            script.main([*args, "--threads", "-1"])
+        assert "--threads must be" in capsys.readouterr().err
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_build_results_keep_progress_bars_out_of_outputs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     params = {**parameter_set("smoke", "toy"), "results_dir": str(tmp_path)}
     build = nbsupport.BuildResults(params)
