@@ -284,3 +284,43 @@ def test_missing_callback_and_bad_options_are_named(tasks3: tuple) -> None:
     m.absorb("t0", fts["t0"])
     with pytest.raises(MergeInputError, match="labeled_samples"):
         m.absorb("t1", fts["t1"])
+
+
+@pytest.fixture(scope="module")
+def conv3() -> tuple:
+    """Three tasks of 6x6 two-channel images on a small conv net (4-D weights, so layouts matter)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(2, 6, 3, padding=1), nn.Tanh(), nn.Conv2d(6, 6, 3, groups=2, padding=1),
+                        nn.Tanh(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    g = torch.Generator().manual_seed(3)
+    data, heads, fts = {}, {}, {}
+    for j in range(3):
+        t = f"c{j}"
+        y = torch.arange(120) % 3
+        x = (torch.randn(3, 2, 6, 6, generator=g))[y] + 0.5 * torch.randn(120, 2, 6, 6, generator=g)
+        data[t] = (x, y)
+        heads[t] = nn.Linear(6, 3).requires_grad_(False)
+        fts[t] = _train(net, heads[t], x, y, steps=60)
+    return net, data, heads, fts
+
+
+def test_memory_format_changes_the_layout_not_the_result(conv3: tuple) -> None:
+    from madeit_core.errors import MergeInputError
+
+    hp = {"num_samples": 96, "batch_size": 16, "post_refine_steps": 5}
+    order = ["c0", "c1", "c2"]
+    fast = _run(conv3, order, **hp)                                    # default: channels_last
+    plain = _run(conv3, order, memory_format="contiguous", **hp)
+    assert fast.model[0].weight.is_contiguous(memory_format=torch.channels_last)
+    assert not fast.model[0].weight.is_contiguous()
+    assert plain.model[0].weight.is_contiguous()
+    wf, wp = _weights(fast), _weights(plain)
+    assert all(torch.allclose(wf[k], wp[k], rtol=1e-4, atol=1e-5) for k in wf), \
+        max(float((wf[k] - wp[k]).abs().max()) for k in wf)
+    assert fast.hparams()["memory_format"] == "channels_last"
+    tensors, _ = fast.state()                                          # safetensors needs contiguous tensors
+    assert all(t.is_contiguous() for t in tensors.values())
+    x = conv3[1]["c0"][0][:4]
+    assert torch.allclose(fast.merged_model()(x), plain.merged_model()(x), rtol=1e-4, atol=1e-5)
+    with pytest.raises(MergeInputError, match="memory_format"):
+        get_method("odem", memory_format="nhwc")

@@ -41,6 +41,8 @@ gradient and so follow the straight line); losses and refinement run with the mo
 (CLIP has no dropout); the task order is the protocol's (§9.3 lists the reference's own); with
 ``barrier``, ``qp`` and ``post_refine`` off and ``dv_over_u_target=0`` no data is drawn and the
 method is SWA with weight t_end (exactly SWA with ``stop_at="exact"``).
+``memory_format`` (default ``"channels_last"``) is the layout of the working model and its image
+batches: a speed choice, not a method one (``"contiguous"`` gives the same maths with other bits).
 The protocol evaluates the newest task right after its step, so a_{T,T} is post-refinement here
 while the reference prints it before refinement; ACC and BWT do not use a_{T,T}'s pre-refinement
 value, so they are unaffected (baselines.md §8 (f)).
@@ -65,6 +67,11 @@ from madeit_core.statedict import StateDict
 
 Vec = list[torch.Tensor]
 EPS = 1e-12
+#: ``memory_format`` choices: the layout of the working model and its image batches. Pure speed: the
+#: maths is the same, the bits are not (other convolution kernels, other summation orders). On a CPU
+#: a forward+backward of EfficientNet-Lite0 at 64 px, batch 128, one thread, takes about half the time
+#: in channels_last (1.0 s against 1.8 s measured), and ODE-M is backward passes almost throughout.
+MEMORY_FORMATS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
 
 
 # ----------------------------------------------------------------------------- pieces
@@ -186,13 +193,16 @@ class ODEMerging(ContinualMethod):
                  macro_w_new: float = 1.0, macro_grad_norm_power: float = 0.25, post_refine: bool = True,
                  post_refine_steps: int = 80, post_refine_lr: float = 1e-6, post_refine_anchor: float = 1e-3,
                  post_refine_radius: float = 1e-3, post_refine_task_tol: float = 0.02,
-                 post_refine_grad_clip: float = 1.0, post_refine_probe_batches: int = 4885) -> None:
+                 post_refine_grad_clip: float = 1.0, post_refine_probe_batches: int = 4885,
+                 memory_format: str = "channels_last") -> None:
         super().__init__()
         self.hp: dict[str, Any] = dict(locals())
         del self.hp["self"]
         self.hp.pop("__class__", None)
         if qp_mode not in ("exact", "reference"):
             raise MergeInputError(f"odem: qp_mode must be 'exact' or 'reference', got {qp_mode!r}")
+        if memory_format not in MEMORY_FORMATS:
+            raise MergeInputError(f"odem: memory_format must be one of {sorted(MEMORY_FORMATS)}, got {memory_format!r}")
         if stop_at not in ("grid", "exact"):
             raise MergeInputError(f"odem: stop_at must be 'grid' or 'exact', got {stop_at!r}")
         if num_samples < 1 or batch_size < 1:
@@ -210,7 +220,7 @@ class ODEMerging(ContinualMethod):
     # ------------------------------------------------------------------ set-up
     def setup(self, pretrained: nn.Module, ctx: MergeContext | None = None) -> None:
         super().setup(pretrained, ctx)
-        self.model = copy.deepcopy(pretrained).to(self.ctx.device).eval()
+        self.model = self._layout(copy.deepcopy(pretrained).to(self.ctx.device).eval())
         for p in self.model.parameters():
             p.requires_grad_(p.is_floating_point())
         self.keys = [k for k, v in self.model.state_dict().items() if v.is_floating_point()]
@@ -220,6 +230,13 @@ class ODEMerging(ContinualMethod):
         self.path_log = {}
         self.step_summary: list[dict[str, Any]] = []
         self.refined = False
+
+    def _layout(self, x: Any) -> Any:
+        """``x`` (a module, or a 4-D image batch) in the working memory format; anything else as is."""
+        fmt = MEMORY_FORMATS[self.hp["memory_format"]]
+        if isinstance(x, nn.Module):
+            return x.to(memory_format=fmt)
+        return x.contiguous(memory_format=fmt) if x.dim() == 4 else x
 
     def _tensors(self, model: nn.Module) -> Vec:
         sd = model.state_dict(keep_vars=True)
@@ -264,7 +281,7 @@ class ODEMerging(ContinualMethod):
         for i in range(0, int(x.shape[0]), bs):
             if len(out) >= limit:
                 break
-            out.append((x[i:i + bs], y[i:i + bs]))
+            out.append((self._layout(x[i:i + bs]), y[i:i + bs]))
         return out
 
     def _head(self, task: str) -> Any:
@@ -341,7 +358,7 @@ class ODEMerging(ContinualMethod):
         use_probe = hp["barrier"] or hp["qp"]
         if use_probe:
             L0 = {j: self._probe(self.model, j, pb) for j in tasks}
-            target = self.model_with(finetuned)
+            target = self._layout(self.model_with(finetuned))
             L1 = {j: self._probe(target, j, pb) for j in tasks}
             del target
         log: list[dict[str, Any]] = []
@@ -513,7 +530,7 @@ class ODEMerging(ContinualMethod):
             for j in tasks:
                 x, y = self.calib[j]
                 idx = next(loaders[j]).to(x.device)
-                loss = loss + F.cross_entropy(self._head(j)(self.model(x[idx])).float(), y[idx])
+                loss = loss + F.cross_entropy(self._head(j)(self.model(self._layout(x[idx]))).float(), y[idx])
             loss = loss / len(tasks)
             anc = sum(((p - a) ** 2).sum() for p, a in zip(params, anchor, strict=True))
             (loss + hp["post_refine_anchor"] * anc / max(a_norm ** 2, EPS)).backward()
@@ -551,8 +568,8 @@ class ODEMerging(ContinualMethod):
                 "refinement": getattr(self, "refine_summary", None)}
 
     def _state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        tensors = {f"theta.{k}": p.detach().cpu().clone() for k, p in zip(self.keys, self._tensors(self.model),
-                                                                            strict=True)}
+        tensors = {f"theta.{k}": p.detach().cpu().contiguous().clone()
+                   for k, p in zip(self.keys, self._tensors(self.model), strict=True)}
         for t, idx in self.calib_idx.items():
             tensors[f"calib_idx.{t}"] = idx.clone()
         meta = {"calib_draw": self.calib_draw, "calib_order": list(self.calib), "refined": self.refined,
