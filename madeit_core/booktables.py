@@ -39,6 +39,26 @@ def markdown_table(row_labels: Sequence[str], columns: Sequence[Column], corner:
     return "\n".join(lines)
 
 
+def merged_row_labels(ours: Mapping[str, str], reference: Mapping[str, str]) -> dict[str, str]:
+    """Row label → method for a table of this build's rows beside the reference's.
+
+    A small profile resizes some rivals and labels them so (``ODE-M (smoke sizes)``) while the
+    reference ran them at full size under the plain label (``ODE-M``). A reference label this build
+    does not use gets its own row, right after this build's row of the same method (else at the
+    end), so no reference value is hidden by a label mismatch and no resized run is shown as if it
+    were the full-size one.
+    """
+    out: dict[str, str] = {}
+    for label, method in ours.items():
+        out[label] = method
+        for rlabel, rmethod in reference.items():
+            if rmethod == method and rlabel not in ours:
+                out.setdefault(rlabel, rmethod)
+    for rlabel, rmethod in reference.items():
+        out.setdefault(rlabel, rmethod)
+    return out
+
+
 def source_label(kind: str, profile: str, backbone: str) -> str:
     """``ours · smoke · toy_vit``: who produced a block of numbers."""
     return f"{kind} · {profile} · {backbone}"
@@ -108,10 +128,12 @@ def paper_table2_columns(arch_list: Sequence[str] = tuple(ARCHS)) -> tuple[list[
     return rows, cols
 
 
-def per_task_columns(means: Mapping[str, Mapping[str, float]], labels: Sequence[str], source: str
+def per_task_columns(means: Mapping[str, Mapping[str, float]], labels: Sequence[str], source: str,
+                     orders: Mapping[str, int] | None = None, expected: int | None = None
                      ) -> tuple[list[str], list[Column]]:
     """Tables 4–6 layout: rows = tasks (first-seen order), one column per method label, plus a
-    final ``average`` row."""
+    final ``average`` row. With ``orders`` (label → number of orders averaged) and ``expected``, a
+    column averaging another number of orders says so in its header (``(n=6)``)."""
     tasks: list[str] = []
     for lab in labels:
         for t in means.get(lab, {}):
@@ -121,7 +143,9 @@ def per_task_columns(means: Mapping[str, Mapping[str, float]], labels: Sequence[
     for lab in labels:
         if lab not in means:
             continue
-        col = Column(f"{source} · {lab}")
+        n = (orders or {}).get(lab)
+        note = f" (n={n})" if n is not None and expected is not None and n != expected else ""
+        col = Column(f"{source} · {lab}{note}")
         for t, v in means[lab].items():
             col.cells[t] = fmt(v)
         vals = list(means[lab].values())
@@ -146,5 +170,6 @@ def paper_per_task_columns(arch: str, methods: Sequence[str]) -> tuple[list[str]
     return tasks + ["average"], cols
 
 
-__all__ = ["Column", "MISSING", "PAPER_T", "markdown_table", "metric_columns", "paper_per_task_columns",
-           "paper_table1_columns", "paper_table2_columns", "per_task_columns", "source_label"]
+__all__ = ["Column", "MISSING", "PAPER_T", "markdown_table", "merged_row_labels", "metric_columns",
+           "paper_per_task_columns", "paper_table1_columns", "paper_table2_columns", "per_task_columns",
+           "source_label"]

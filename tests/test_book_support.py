@@ -176,12 +176,29 @@ def test_metric_columns_and_markdown() -> None:
     assert lines[-1] == "| C\\|D | – | – |"
 
 
+def test_merged_row_labels_gives_a_reference_only_label_its_own_row() -> None:
+    ours = {"Pre-Trained": "pretrained", "ODE-M (smoke sizes)": "odem", "MADE-IT": "made_it"}
+    ref = {"Pre-Trained": "pretrained", "MADE-IT": "made_it", "ODE-M": "odem", "Extra": "extra"}
+    merged = booktables.merged_row_labels(ours, ref)
+    assert list(merged) == ["Pre-Trained", "ODE-M (smoke sizes)", "ODE-M", "MADE-IT", "Extra"]
+    assert merged["ODE-M"] == "odem" and merged["Extra"] == "extra"
+    assert booktables.merged_row_labels(ours, {}) == ours
+    ref_cols = booktables.metric_columns([{"method": "ODE-M", "group": "g", "ACC": 51.0, "ACC_std": 0.0, "runs": 1}],
+                                         "ACC", ["g"], "reference", expected=10)
+    md = booktables.markdown_table(list(merged), ref_cols, "method")
+    assert "| ODE-M | 51.0±0.0 (n=1) |" in md.splitlines()            # the reference value is shown
+    assert "| ODE-M (smoke sizes) | – |" in md.splitlines()
+
+
 def test_paper_table2_and_per_task() -> None:
     rows, cols = booktables.paper_table2_columns(["ViT-L/14"])
     assert rows == ["subspace", "cosine"] and len(cols) == 2
     assert cols[0].cells["cosine"] == "{:.1f}±{:.1f}".format(*TABLE2["cosine"]["ViT-L/14"]["ACC"])
     rows, cols = booktables.paper_per_task_columns("ViT-B/32", ["swa", "made_it", "odem"])
     assert len(rows) == 21 and rows[-1] == "average" and len(cols) == 2
+    _, counted = booktables.per_task_columns({"X": {"t1": 1.0}, "Y": {"t1": 2.0}}, ["X", "Y"], "ref",
+                                             {"X": 6, "Y": 10}, 10)
+    assert [c.header for c in counted] == ["ref · X (n=6)", "ref · Y"]      # a partial column says so
     ours_rows, ours_cols = booktables.per_task_columns({"X": {"t1": 10.0, "t2": 20.0}}, ["X", "missing"], "ours")
     assert ours_rows == ["t1", "t2", "average"] and ours_cols[0].cells["average"] == "15.0"
 
