@@ -240,6 +240,22 @@ def grid_status_markdown(rows: Sequence[Mapping[str, Any]]) -> str:
     return ("\n".join(lines) + f"\n\nCells: orders done / planned · median wall time of a finished run. {done} of "
             f"{planned} protocol runs recorded; the rest would take about {fmt_s(known)} at the recorded pace{tail}.\n")
 
+def analysis_status(manifest: Mapping[str, Any] | None, groups: Sequence[str]) -> dict[str, bool]:
+    """Planned analysis (the pairwise scores of Figs. 4-5 per group, at MADE-IT's default rank
+    ratio) → whether ``manifest`` records it."""
+    done = (manifest or {}).get("analysis", {})
+    names = [pairwise_name(g, MADE_IT_DEFAULTS["rank_ratio"]) for g in groups]
+    return {n: n in done for n in names}
+
+
+def analysis_status_markdown(status: Mapping[str, bool]) -> str:
+    """One sentence: which planned analyses the reference holds."""
+    if not status:
+        return ""
+    parts = [f"`{n}` {'recorded' if ok else 'missing'}" for n, ok in status.items()]
+    return f"Pairwise scores of Figures 4-5 ({sum(status.values())} of {len(status)}): " + ", ".join(parts) + ".\n"
+
+
 def merged_scope(manifest: Mapping[str, Any], params: Mapping[str, Any], notebooks: Sequence[str] | None
                  ) -> dict[str, list[Any]]:
     """The groups, seeds and notebooks a reference folder covers after one more invocation: the
@@ -339,5 +355,6 @@ def run_reference(params: Mapping[str, Any], out: str | os.PathLike[str], notebo
     return save_manifest(folder, manifest, mine)
 
 
-__all__ = ["COST_TIERS", "MANIFEST_FORMAT", "claim_run", "grid_status", "grid_status_markdown", "load_manifest",
-           "reference_jobs", "run_key", "run_order", "run_reference", "save_manifest"]
+__all__ = ["COST_TIERS", "MANIFEST_FORMAT", "analysis_status", "analysis_status_markdown", "claim_run", "grid_status",
+           "grid_status_markdown", "load_manifest", "reference_jobs", "run_key", "run_order", "run_reference",
+           "save_manifest"]

@@ -463,6 +463,17 @@ def test_grid_status_counts_orders_medians_and_time_left() -> None:
     assert grid_status(None, jobs, "offline")[0]["done"] == 0
 
 
+def test_analysis_status_names_each_groups_pairwise_scores() -> None:
+    from madeit_core.reference import analysis_status, analysis_status_markdown
+
+    manifest = {"analysis": {"pairwise-g8-rho0.1": {"wall_s": 3.0}, "pairwise-g8-rho0.5": {"wall_s": 3.0}}}
+    st = analysis_status(manifest, ["g8", "g14"])
+    assert st == {"pairwise-g8-rho0.1": True, "pairwise-g14-rho0.1": False}     # the default rank ratio only
+    md = analysis_status_markdown(st)
+    assert md.startswith("Pairwise scores of Figures 4-5 (1 of 2)") and "`pairwise-g14-rho0.1` missing" in md
+    assert analysis_status(None, ["g8"]) == {"pairwise-g8-rho0.1": False} and analysis_status_markdown({}) == ""
+
+
 def test_routing_vs_acc() -> None:
     """One point per run with a recorded routing accuracy; Pearson r over ≥ 3 runs with spread."""
     from madeit_core.plots import routing_acc_figure
