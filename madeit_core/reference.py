@@ -272,10 +272,40 @@ def merged_scope(manifest: Mapping[str, Any], params: Mapping[str, Any], noteboo
     return {"groups": groups, "seeds": seeds, "notebooks": nbs}
 
 
+def check_zoo(bench: Any, tasks: Sequence[str], group: str, summaries: str | os.PathLike[str] | None) -> None:
+    """Refuse a zoo whose models are not the committed ones.
+
+    ``summaries``: a folder of committed zoo summaries (``results/zoo``); when it holds
+    ``<group>.json``, every task's cache key, probe and fine-tuned accuracy must match it
+    (:func:`madeit_core.zoo.compare_to_report`). A cache key alone is not enough: a rebuild of
+    the same recipe under another code path or thread count gave other encoders under the same key.
+    """
+    if summaries is None:
+        return
+    f = Path(summaries) / f"{group}.json"
+    if not f.is_file():
+        log.info("no committed zoo summary %s: the zoo of %s is not checked", f, group)
+        return
+    from madeit_core.zoo import compare_to_report
+
+    manifests = [read_json(bench.zoo.task_dir(t) / "manifest.json") for t in tasks]
+    diffs = compare_to_report(manifests, read_json(f))
+    if diffs:
+        raise MergeInputError(f"the zoo of {group} is not the one the committed results were made on ({f}); "
+                              f"new runs would not belong beside them. Differences in {len(diffs)} of {len(tasks)} "
+                              "tasks:\n  " + "\n  ".join(diffs) + "\nRebuild it (madeit zoo build --force "
+                              f"--expect {f}) or pass --allow-zoo-mismatch to run on it anyway.")
+    log.info("zoo of %s matches %s (%d tasks)", group, f, len(tasks))
+
+
 def run_reference(params: Mapping[str, Any], out: str | os.PathLike[str], notebooks: Sequence[str] | None = None,
                   allow_code_change: bool = False, analysis: bool = True, show_progress: bool = True,
-                  command: Sequence[str] | None = None) -> dict[str, Any]:
-    """Run every job of ``notebooks`` (default: all) under ``params`` into ``out``; returns the manifest."""
+                  command: Sequence[str] | None = None, zoo_summaries: str | os.PathLike[str] | None = None
+                  ) -> dict[str, Any]:
+    """Run every job of ``notebooks`` (default: all) under ``params`` into ``out``; returns the manifest.
+
+    ``zoo_summaries``: a folder of committed zoo summaries to check the zoo against before any
+    run (:func:`check_zoo`); None checks nothing."""
     from tqdm.auto import tqdm
 
     from madeit_core.benchmarks import make_benchmark
@@ -302,6 +332,7 @@ def run_reference(params: Mapping[str, Any], out: str | os.PathLike[str], notebo
 
                 benches[group] = zoo.make_benchmark(group, profile=params["profile"], device=device, build=True,
                                                     show_progress=show_progress)
+                check_zoo(*benches[group], group, zoo_summaries)
             else:
                 benches[group] = make_benchmark(params["benchmark"], group, profile=params["profile"], device=device)
         return benches[group]
@@ -355,6 +386,7 @@ def run_reference(params: Mapping[str, Any], out: str | os.PathLike[str], notebo
     return save_manifest(folder, manifest, mine)
 
 
-__all__ = ["COST_TIERS", "MANIFEST_FORMAT", "analysis_status", "analysis_status_markdown", "claim_run", "grid_status",
+__all__ = ["COST_TIERS", "MANIFEST_FORMAT", "analysis_status", "analysis_status_markdown", "check_zoo", "claim_run",
+           "grid_status",
            "grid_status_markdown", "load_manifest", "reference_jobs", "run_key", "run_order", "run_reference",
            "save_manifest"]

@@ -47,6 +47,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--activation-cache-mb", type=float, default=5120,
                    help="budget of MADE-IT's cache of θ0's module inputs, shared by the runs of this process "
                         "(madeit_core.activation_cache; 5120 keeps every offline-20 test set; 0: off)")
+    p.add_argument("--zoo-summaries", default="results/zoo",
+                   help="committed zoo summaries (<group>.json) the zoo must match before any run (default "
+                        "results/zoo; a group without one is not checked)")
+    p.add_argument("--allow-zoo-mismatch", action="store_true",
+                   help="run although the zoo differs from its committed summary")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads of this process (default 1, as most committed runs: the bits of a run "
                         "depend on it, and each run's file records it under manifest.hardware.torch_threads; "
@@ -78,8 +83,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"total: {n} protocol runs")
             return 0
         out = Path(a.out) if Path(a.out).is_absolute() else REPO / a.out
+        summaries = None if a.allow_zoo_mismatch else (
+            Path(a.zoo_summaries) if Path(a.zoo_summaries).is_absolute() else REPO / a.zoo_summaries)
         m = run_reference(params, out, a.notebooks, allow_code_change=a.allow_code_change,
-                          analysis=not a.no_analysis, command=["scripts/run_reference.py", *sys.argv[1:]])
+                          analysis=not a.no_analysis, command=["scripts/run_reference.py", *sys.argv[1:]],
+                          zoo_summaries=summaries)
         print(f"reference {a.profile}: {len(m['runs'])} runs recorded, {m['wall_s_last_invocation']:.0f} s this "
               f"invocation, {m['wall_s_runs_total']:.0f} s of runs in all; "
               f"manifest {out / a.profile / 'manifest.json'}")

@@ -493,3 +493,27 @@ def test_routing_vs_acc() -> None:
     assert routing_vs_acc([run(i, {"a": 1.0}, 50.0 + i) for i in range(3)])["r"] is None   # no spread
     fig = routing_acc_figure({"g": d, "empty": routing_vs_acc([])}, title="t")
     assert len(fig.axes[0].collections) == 1 and "r = 1.00" in fig.axes[0].get_legend().get_texts()[0].get_text()
+
+
+def test_check_zoo_refuses_a_zoo_that_is_not_the_committed_one(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from madeit_core.io import write_json
+    from madeit_core.reference import check_zoo
+
+    def manifest(task: str, ft: float) -> dict:
+        return {"task": task, "key": f"k-{task}", "num_classes": 10, "data": {"n_train": 100, "n_test_eval": 50},
+                "accuracy": {"probe": 0.5, "finetuned": ft}, "wall_s": {"total": 1.0}}
+
+    for task, ft in (("a", 0.9), ("b", 0.8)):
+        write_json(tmp_path / "cache" / task / "manifest.json", manifest(task, ft))
+    bench = SimpleNamespace(zoo=SimpleNamespace(task_dir=lambda t: tmp_path / "cache" / t))
+    summaries = tmp_path / "zoo"
+    write_json(summaries / "g.json", {"tasks": [{"task": "a", "key": "k-a", "probe": 0.5, "finetuned": 0.9},
+                                                {"task": "b", "key": "k-b", "probe": 0.5, "finetuned": 0.8}]})
+    check_zoo(bench, ["a", "b"], "g", summaries)                     # the committed zoo: passes
+    check_zoo(bench, ["a", "b"], "other", summaries)                 # no summary for the group: not checked
+    check_zoo(bench, ["a", "b"], "g", None)                          # checking switched off
+    write_json(tmp_path / "cache" / "b" / "manifest.json", manifest("b", 0.84))   # same key, other encoder
+    with pytest.raises(MergeInputError, match=r"zoo of g is not the one(.|\n)*b: finetuned 0.8 → 0.84"):
+        check_zoo(bench, ["a", "b"], "g", summaries)
