@@ -14,7 +14,7 @@ from typing import Any
 
 from madeit_core.bookplan import PAPER_NAMES
 from madeit_core.paper_values import ARCHS, PER_TASK_20, TABLE1, TABLE1_REFERENCE, TABLE2
-from madeit_core.reproduce import fmt
+from madeit_core.reproduce import fmt, summary_rows
 
 MISSING = "–"
 PAPER_T = (8, 14, 20)
@@ -57,6 +57,37 @@ def merged_row_labels(ours: Mapping[str, str], reference: Mapping[str, str]) -> 
     for rlabel, rmethod in reference.items():
         out.setdefault(rlabel, rmethod)
     return out
+
+
+def ablation_table(results_by_group: Mapping[str, Sequence[Mapping[str, Any]]], labels: Sequence[str],
+                   expected: int | None = None, digits: int = 1) -> str:
+    """One open choice's variants as a narrow markdown table: a row per (group, variant), columns
+    ACC, BWT (mean ± std over the orders; ``(n=3)`` when another number than ``expected``), the
+    mean experts kept per module and the final routing accuracy (%).
+
+    ``results_by_group``: group → results dicts, each carrying its variant's ``label`` (as
+    :meth:`madeit_core.nbsupport.ResultsStore.results` returns them). A variant with no finished
+    run in a group has no row there.
+    """
+    cols = {what: Column(what) for what in ("ACC", "BWT", "experts per module", "routing (%)")}
+    rows: list[str] = []
+    for g, res in results_by_group.items():
+        summary = {r["method"]: r for r in summary_rows(res)}
+        for lab in labels:
+            if lab not in summary:
+                continue
+            row, key = summary[lab], f"{g} · {lab}"
+            rows.append(key)
+            n = f" (n={row['runs']})" if expected is not None and row["runs"] != expected else ""
+            for what in ("ACC", "BWT"):
+                cols[what].cells[key] = fmt(row[what], row[f"{what}_std"], digits) + n
+            experts = [r["method_summary"]["experts_mean"] for r in res
+                       if r.get("label") == lab and (r.get("method_summary") or {}).get("experts_mean") is not None]
+            if experts:
+                cols["experts per module"].cells[key] = f"{sum(experts) / len(experts):.2f}"
+            if row["routing_accuracy"] is not None:
+                cols["routing (%)"].cells[key] = fmt(row["routing_accuracy"], None, digits)
+    return markdown_table(rows, list(cols.values()), "group · variant")
 
 
 def source_label(kind: str, profile: str, backbone: str) -> str:
@@ -170,6 +201,6 @@ def paper_per_task_columns(arch: str, methods: Sequence[str]) -> tuple[list[str]
     return tasks + ["average"], cols
 
 
-__all__ = ["Column", "MISSING", "PAPER_T", "markdown_table", "merged_row_labels", "metric_columns",
+__all__ = ["Column", "MISSING", "PAPER_T", "ablation_table", "markdown_table", "merged_row_labels", "metric_columns",
            "paper_per_task_columns", "paper_table1_columns", "paper_table2_columns", "per_task_columns",
            "source_label"]

@@ -517,3 +517,19 @@ def test_check_zoo_refuses_a_zoo_that_is_not_the_committed_one(tmp_path: Path) -
     write_json(tmp_path / "cache" / "b" / "manifest.json", manifest("b", 0.84))   # same key, other encoder
     with pytest.raises(MergeInputError, match=r"zoo of g is not the one(.|\n)*b: finetuned 0.8 → 0.84"):
         check_zoo(bench, ["a", "b"], "g", summaries)
+
+
+def test_ablation_table_rows_per_group_and_variant() -> None:
+    def res(label: str, group: str, acc: float, experts: float, routing: float | None) -> dict:
+        return {"label": label, "method": "made_it", "group": group, "order": ["a", "b"], "ACC": acc, "BWT": -1.0,
+                "routing_accuracy_final": {"a": routing, "b": routing} if routing is not None else None,
+                "timings": {"absorb_s": 1.0}, "method_summary": {"experts_mean": experts}}
+
+    by_group = {"g8": [res("default", "g8", 50.0, 2.0, 0.5), res("default", "g8", 52.0, 4.0, 0.7),
+                       res("sum", "g8", 40.0, 3.0, None)],
+                "g14": [res("default", "g14", 60.0, 5.0, 1.0)]}
+    md = booktables.ablation_table(by_group, ["default", "sum", "never run"], expected=2).splitlines()
+    assert md[0] == "| group · variant | ACC | BWT | experts per module | routing (%) |"
+    assert md[2] == "| g8 · default | 51.0±1.4 | -1.0±0.0 | 3.00 | 60.0 |"
+    assert md[3] == "| g8 · sum | 40.0±0.0 (n=1) | -1.0±0.0 (n=1) | 3.00 | – |"     # partial, no routing
+    assert md[4].startswith("| g14 · default | 60.0±0.0 (n=1) |") and len(md) == 5   # no row for 'never run'
