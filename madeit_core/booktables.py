@@ -116,6 +116,23 @@ def metric_columns(rows: Sequence[Mapping[str, Any]], metric: str, groups: Seque
     return cols
 
 
+def beside_paper(columns: Sequence[Column], group_tasks: Sequence[int], paper: Sequence[Column]) -> list[Column]:
+    """Our columns (one per group, ``group_tasks`` their numbers of tasks) each followed by the
+    paper's column of the same T (``paper``: :func:`paper_table1_columns`, one per :data:`PAPER_T`),
+    so every number stands next to the one it is compared with; a paper column no group matches
+    comes last."""
+    if len(columns) != len(group_tasks) or len(paper) != len(PAPER_T):
+        raise ValueError(f"beside_paper: {len(columns)} columns for {len(group_tasks)} task counts, "
+                         f"{len(paper)} paper columns for T = {PAPER_T}")
+    by_T = dict(zip(PAPER_T, paper, strict=True))
+    out: list[Column] = []
+    for col, T in zip(columns, group_tasks, strict=True):
+        out.append(col)
+        if T in by_T:
+            out.append(by_T.pop(T))
+    return out + list(by_T.values())
+
+
 def paper_table1_columns(metric: str, arch: str, labels: Mapping[str, str]) -> list[Column]:
     """The paper's Table 1 for one architecture: one column per T (8, 14, 20).
 
@@ -201,6 +218,6 @@ def paper_per_task_columns(arch: str, methods: Sequence[str]) -> tuple[list[str]
     return tasks + ["average"], cols
 
 
-__all__ = ["Column", "MISSING", "PAPER_T", "ablation_table", "markdown_table", "merged_row_labels", "metric_columns",
-           "paper_per_task_columns", "paper_table1_columns", "paper_table2_columns", "per_task_columns",
-           "source_label"]
+__all__ = ["Column", "MISSING", "PAPER_T", "ablation_table", "beside_paper", "markdown_table", "merged_row_labels",
+           "metric_columns", "paper_per_task_columns", "paper_table1_columns", "paper_table2_columns",
+           "per_task_columns", "source_label"]

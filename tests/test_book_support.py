@@ -533,3 +533,13 @@ def test_ablation_table_rows_per_group_and_variant() -> None:
     assert md[2] == "| g8 · default | 51.0±1.4 | -1.0±0.0 | 3.00 | 60.0 |"
     assert md[3] == "| g8 · sum | 40.0±0.0 (n=1) | -1.0±0.0 (n=1) | 3.00 | – |"     # partial, no routing
     assert md[4].startswith("| g14 · default | 60.0±0.0 (n=1) |") and len(md) == 5   # no row for 'never run'
+
+
+def test_beside_paper_interleaves_by_number_of_tasks() -> None:
+    ours = [booktables.Column("ref · g8"), booktables.Column("ref · g20")]
+    paper = booktables.paper_table1_columns("ACC", "ViT-B/32", {"MADE-IT": "made_it"})
+    cols = booktables.beside_paper(ours, [8, 20], paper)
+    assert [c.header for c in cols] == ["ref · g8", "paper · ViT-B/32 · T=8", "ref · g20",
+                                        "paper · ViT-B/32 · T=20", "paper · ViT-B/32 · T=14"]
+    with pytest.raises(ValueError, match="task counts"):
+        booktables.beside_paper(ours, [8], paper)
