@@ -177,12 +177,14 @@ def paper_table2_columns(arch_list: Sequence[str] = tuple(ARCHS)) -> tuple[list[
 
 
 def per_task_columns(means: Mapping[str, Mapping[str, float]], labels: Sequence[str], source: str,
-                     orders: Mapping[str, int] | None = None, expected: int | None = None
-                     ) -> tuple[list[str], list[Column]]:
-    """Tables 4–6 layout: rows = tasks (first-seen order), one column per method label, plus a
-    final ``average`` row. With ``orders`` (label → number of orders averaged) and ``expected``, a
-    column averaging another number of orders says so in its header (``(n=6)``)."""
-    tasks: list[str] = []
+                     orders: Mapping[str, int] | None = None, expected: int | None = None,
+                     task_order: Sequence[str] | None = None) -> tuple[list[str], list[Column]]:
+    """Tables 4–6 layout: rows = tasks (``task_order`` first, e.g. the group's own order; then any
+    other in first-seen order), one column per method label, plus a final ``average`` row. With
+    ``orders`` (label → number of orders averaged) and ``expected``, a column averaging another
+    number of orders says so in its header (``(n=6)``)."""
+    seen = {t for lab in labels for t in means.get(lab, {})}
+    tasks: list[str] = [t for t in (task_order or []) if t in seen]
     for lab in labels:
         for t in means.get(lab, {}):
             if t not in tasks:

@@ -199,6 +199,9 @@ def test_paper_table2_and_per_task() -> None:
     _, counted = booktables.per_task_columns({"X": {"t1": 1.0}, "Y": {"t1": 2.0}}, ["X", "Y"], "ref",
                                              {"X": 6, "Y": 10}, 10)
     assert [c.header for c in counted] == ["ref · X (n=6)", "ref · Y"]      # a partial column says so
+    ordered, _ = booktables.per_task_columns({"X": {"t2": 1.0, "t1": 2.0, "t3": 3.0}}, ["X"], "ref",
+                                             task_order=["t1", "t2", "absent"])
+    assert ordered == ["t1", "t2", "t3", "average"]                       # the group's order, then the rest
     ours_rows, ours_cols = booktables.per_task_columns({"X": {"t1": 10.0, "t2": 20.0}}, ["X", "missing"], "ours")
     assert ours_rows == ["t1", "t2", "average"] and ours_cols[0].cells["average"] == "15.0"
 
