@@ -176,6 +176,46 @@ def paper_table2_columns(arch_list: Sequence[str] = tuple(ARCHS)) -> tuple[list[
     return rows, cols
 
 
+#: The columns of Table 2 in its long layout: a row per (source, group), a column per score and metric.
+TABLE2_COLUMNS: tuple[str, ...] = ("subspace · ACC", "cosine · ACC", "subspace · BWT", "cosine · BWT")
+
+
+def table2_long(rows: Sequence[Mapping[str, Any]], groups: Sequence[str], source: str, columns: Sequence[Column],
+                expected: int | None = None, digits: int = 1) -> list[str]:
+    """Fill ``columns`` (:data:`TABLE2_COLUMNS`) with a row ``<source> · <group>`` per group that has
+    results; ``rows``: :func:`~madeit_core.reproduce.summary_rows` whose ``method`` is the score
+    (``subspace`` or ``cosine``). Returns the row labels added. Cells averaging another number of
+    orders than ``expected`` say so (``(n=3)``)."""
+    by = {c.header: c for c in columns}
+    added = []
+    for g in groups:
+        label = f"{source} · {g}"
+        for r in rows:
+            if r["group"] != g or r["method"] not in ("subspace", "cosine"):
+                continue
+            n = f" (n={r['runs']})" if expected is not None and r["runs"] != expected else ""
+            for metric in ("ACC", "BWT"):
+                by[f"{r['method']} · {metric}"].cells[label] = fmt(r[metric], r.get(f"{metric}_std"), digits) + n
+            if label not in added:
+                added.append(label)
+    return added
+
+
+def paper_table2_long(columns: Sequence[Column], arch_list: Sequence[str] = tuple(ARCHS)) -> list[str]:
+    """Fill ``columns`` (:data:`TABLE2_COLUMNS`) with the paper's Table 2, a row per architecture
+    (8 tasks); returns the row labels added."""
+    by = {c.header: c for c in columns}
+    added = []
+    for arch in arch_list:
+        label = f"paper · {arch} · T=8"
+        for score in ("subspace", "cosine"):
+            for metric in ("ACC", "BWT"):
+                m, sd = TABLE2[score][arch][metric]
+                by[f"{score} · {metric}"].cells[label] = fmt(m, sd)
+        added.append(label)
+    return added
+
+
 def per_task_columns(means: Mapping[str, Mapping[str, float]], labels: Sequence[str], source: str,
                      orders: Mapping[str, int] | None = None, expected: int | None = None,
                      task_order: Sequence[str] | None = None) -> tuple[list[str], list[Column]]:
@@ -222,4 +262,4 @@ def paper_per_task_columns(arch: str, methods: Sequence[str]) -> tuple[list[str]
 
 __all__ = ["Column", "MISSING", "PAPER_T", "ablation_table", "beside_paper", "markdown_table", "merged_row_labels",
            "metric_columns", "paper_per_task_columns", "paper_table1_columns", "paper_table2_columns",
-           "per_task_columns", "source_label"]
+           "paper_table2_long", "per_task_columns", "source_label", "TABLE2_COLUMNS", "table2_long"]

@@ -546,3 +546,15 @@ def test_beside_paper_interleaves_by_number_of_tasks() -> None:
                                         "paper · ViT-B/32 · T=20", "paper · ViT-B/32 · T=14"]
     with pytest.raises(ValueError, match="task counts"):
         booktables.beside_paper(ours, [8], paper)
+
+
+def test_table2_long_rows_per_source_and_group() -> None:
+    cols = [booktables.Column(h) for h in booktables.TABLE2_COLUMNS]
+    rows = [{"method": "subspace", "group": "g8", "ACC": 50.0, "ACC_std": 1.0, "BWT": -2.0, "BWT_std": 0.5, "runs": 10},
+            {"method": "cosine", "group": "g8", "ACC": 48.0, "ACC_std": 2.0, "BWT": -3.0, "BWT_std": 0.5, "runs": 4}]
+    assert booktables.table2_long(rows, ["g8", "g20"], "ref", cols, expected=10) == ["ref · g8"]
+    assert booktables.paper_table2_long(cols, ["ViT-L/14"]) == ["paper · ViT-L/14 · T=8"]
+    md = booktables.markdown_table(["ref · g8", "paper · ViT-L/14 · T=8"], cols, "source · group").splitlines()
+    assert md[0] == "| source · group | subspace · ACC | cosine · ACC | subspace · BWT | cosine · BWT |"
+    assert md[2] == "| ref · g8 | 50.0±1.0 | 48.0±2.0 (n=4) | -2.0±0.5 | -3.0±0.5 (n=4) |"
+    assert md[3].split(" | ")[2] == "{:.1f}±{:.1f}".format(*TABLE2["cosine"]["ViT-L/14"]["ACC"])
