@@ -39,6 +39,11 @@ def markdown_table(row_labels: Sequence[str], columns: Sequence[Column], corner:
     return "\n".join(lines)
 
 
+def orders_note(runs: int | None, expected: int | None) -> str:
+    """`` (n=3)`` when a value averages another number of orders than ``expected`` (else ``""``)."""
+    return f" (n={runs})" if runs is not None and expected is not None and runs != expected else ""
+
+
 def merged_row_labels(ours: Mapping[str, str], reference: Mapping[str, str]) -> dict[str, str]:
     """Row label → method for a table of this build's rows beside the reference's.
 
@@ -78,7 +83,7 @@ def ablation_table(results_by_group: Mapping[str, Sequence[Mapping[str, Any]]], 
                 continue
             row, key = summary[lab], f"{g} · {lab}"
             rows.append(key)
-            n = f" (n={row['runs']})" if expected is not None and row["runs"] != expected else ""
+            n = orders_note(row["runs"], expected)
             for what in ("ACC", "BWT"):
                 cols[what].cells[key] = fmt(row[what], row[f"{what}_std"], digits) + n
             experts = [r["method_summary"]["experts_mean"] for r in res
@@ -193,7 +198,7 @@ def table2_long(rows: Sequence[Mapping[str, Any]], groups: Sequence[str], source
         for r in rows:
             if r["group"] != g or r["method"] not in ("subspace", "cosine"):
                 continue
-            n = f" (n={r['runs']})" if expected is not None and r["runs"] != expected else ""
+            n = orders_note(r["runs"], expected)
             for metric in ("ACC", "BWT"):
                 by[f"{r['method']} · {metric}"].cells[label] = fmt(r[metric], r.get(f"{metric}_std"), digits) + n
             if label not in added:
@@ -233,9 +238,7 @@ def per_task_columns(means: Mapping[str, Mapping[str, float]], labels: Sequence[
     for lab in labels:
         if lab not in means:
             continue
-        n = (orders or {}).get(lab)
-        note = f" (n={n})" if n is not None and expected is not None and n != expected else ""
-        col = Column(f"{source} · {lab}{note}")
+        col = Column(f"{source} · {lab}{orders_note((orders or {}).get(lab), expected)}")
         for t, v in means[lab].items():
             col.cells[t] = fmt(v)
         vals = list(means[lab].values())
