@@ -16,6 +16,11 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
+#: Widest figure, in inches, that the book shows unscaled: its content column is about 690 px wide
+#: at a 1280-px window and :func:`madeit_core.nbsupport.show_figure` saves at 110 dpi. A wider
+#: figure is shrunk to fit, and its 6–7 pt tick labels with it (unreadable on 20-task grids).
+PAGE_WIDTH_IN = 6.3
+
 
 def allocation_figure(module_keys: Sequence[str], tasks: Sequence[str], rows: Sequence[Sequence[int]],
                       title: str = "", max_modules: int | None = None) -> Figure:
@@ -24,7 +29,7 @@ def allocation_figure(module_keys: Sequence[str], tasks: Sequence[str], rows: Se
     if max_modules is not None and len(keys) > max_modules:
         idx = np.linspace(0, len(keys) - 1, max_modules).round().astype(int)
         keys, data = [keys[i] for i in idx], data[idx]
-    fig, ax = plt.subplots(figsize=(0.35 * len(tasks) + 3.5, 0.18 * len(keys) + 1.5))
+    fig, ax = plt.subplots(figsize=(min(0.35 * len(tasks) + 3.5, PAGE_WIDTH_IN), 0.18 * len(keys) + 1.5))
     cmap = plt.get_cmap("tab20", max(int(data.max()) + 1, 1))
     ax.imshow(data, aspect="auto", cmap=cmap, interpolation="nearest", vmin=-0.5, vmax=int(data.max()) + 0.5)
     ax.set_xticks(range(len(tasks)), tasks, rotation=90, fontsize=7)
@@ -88,9 +93,16 @@ def score_density_figure(affinity: Sequence[float], cosine: Sequence[float], tit
 
 def heatmap_pair_figure(tasks: Sequence[str], affinity: Sequence[Sequence[float]],
                         cosine: Sequence[Sequence[float]], title: str = "") -> Figure:
-    """Fig. 5: task × task heatmaps of both scores (mean over modules)."""
+    """Fig. 5: task × task heatmaps of both scores (mean over modules), on one 0–1 colour scale.
+
+    Side by side while both fit the page's width (up to 6 tasks); above one another beyond, each
+    at most the page's width, so that the task names stay legible on 14 and 20 tasks."""
     n = len(tasks)
-    fig, axes = plt.subplots(1, 2, figsize=(2 * (0.35 * n + 2.5), 0.35 * n + 2.2))
+    side = min(0.35 * n + 2.5, PAGE_WIDTH_IN)
+    if 2 * side <= 1.5 * PAGE_WIDTH_IN:
+        fig, axes = plt.subplots(1, 2, figsize=(2 * side, side - 0.3))
+    else:
+        fig, axes = plt.subplots(2, 1, figsize=(side, 2 * (side - 0.3)))
     for ax, mat, name in ((axes[0], affinity, "subspace affinity"), (axes[1], cosine, "cosine similarity")):
         im = ax.imshow(np.asarray(mat), vmin=0, vmax=1, cmap="viridis")
         ax.set_xticks(range(n), tasks, rotation=90, fontsize=7)

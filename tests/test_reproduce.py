@@ -79,3 +79,27 @@ def test_plots_draw(bench: ToyBenchmark, tmp_path: Path) -> None:
         assert (tmp_path / f"f{i}.png").stat().st_size > 1000
     md = plots.table_markdown([{"a": 1, "b": 2}], ["a", "b"])
     assert md.splitlines()[2] == "| 1 | 2 |"
+
+
+def test_wide_grids_fit_the_page(tmp_path: Path) -> None:
+    """On 20 tasks and 33 modules the Fig. 2 grid and the Fig. 5 pair are drawn no wider than the
+    book shows unscaled (tick labels would shrink to illegibility otherwise); saved with
+    ``bbox_inches='tight'`` as the notebooks do, their width stays within the page's too."""
+    import numpy as np
+    from PIL import Image
+
+    from madeit_core import plots
+
+    tasks = [f"task_with_a_long_name_{i}" for i in range(20)]
+    keys = [f"_blocks.{i}._project_conv.weight" for i in range(33)]
+    rows = np.random.default_rng(0).integers(0, 12, size=(33, 20)).tolist()
+    mat = np.eye(20).tolist()
+    figs = {"grid": plots.allocation_figure(keys, tasks, rows),
+            "pair": plots.heatmap_pair_figure(tasks, mat, mat, title="t")}
+    small = plots.heatmap_pair_figure(tasks[:4], np.eye(4).tolist(), np.eye(4).tolist())
+    assert small.get_size_inches()[0] > small.get_size_inches()[1]      # few tasks: side by side
+    for name, fig in figs.items():
+        assert fig.get_size_inches()[0] <= plots.PAGE_WIDTH_IN + 1e-9, name
+        fig.savefig(tmp_path / f"{name}.png", dpi=110, bbox_inches="tight")
+        width = Image.open(tmp_path / f"{name}.png").size[0]
+        assert width <= 110 * plots.PAGE_WIDTH_IN * 1.1, (name, width)
