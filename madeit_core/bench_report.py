@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import statistics
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -223,13 +224,90 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
-def markdown(rows: list[dict[str, Any]], columns: list[str] | None = None) -> str:
-    """A markdown table of ``rows`` (floats to 3 significant digits, None as –, booleans as PASS/FAIL)."""
+#: Pixels of table the book's content column shows without a horizontal scroll bar (it is about
+#: 690 px wide at a 1280-px window; the estimate below errs by a few per cent, hence the margin).
+PAGE_PX = 665
+#: Mean advance of a table character, and the padding of a cell, in the book's theme (measured on
+#: its screenshots: a 41-character name took 332 px, its column 360 px).
+CHAR_PX, PAD_PX = 8.1, 26
+#: Width, in characters, to which a cell or header with spaces may wrap.
+WRAP_CHARS = 20
+
+
+def _text_width(text: str) -> int:
+    """Characters ``text`` takes across in a comfortably narrow column: a line breaks at spaces,
+    after hyphens and after the book's soft breaks (:data:`madeit_core.nbsupport.SOFT_BREAK_AFTER`),
+    and such text wraps to :data:`WRAP_CHARS` or its longest unbreakable piece."""
+    from madeit_core.nbsupport import SOFT_BREAK_AFTER
+
+    pieces = [x for x in re.split(f"\\s+|(?<=[-{re.escape(SOFT_BREAK_AFTER)}])", text.strip()) if x]
+    if len(pieces) <= 1:
+        return len(text.strip())
+    return max(max(len(x) for x in pieces), min(len(text.strip()), WRAP_CHARS))
+
+
+def key_columns(rows: list[dict[str, Any]], cols: list[str], most: int = 3) -> list[str]:
+    """The fewest leading columns (at most ``most``) whose values tell the rows apart: what each
+    part of a split table repeats so that its rows can be read on their own."""
+    for k in range(1, min(most, len(cols)) + 1):
+        if len({tuple(_fmt(r.get(c)) for c in cols[:k]) for r in rows}) == len(rows):
+            return cols[:k]
+    return cols[:min(most, len(cols))]
+
+
+def column_width_px(rows: list[dict[str, Any]], c: str) -> float:
+    """Estimated width of column ``c`` at its narrowest (words unbroken), padding included."""
+    return max(_text_width(c), *(_text_width(_fmt(r.get(c))) for r in rows)) * CHAR_PX + PAD_PX
+
+
+def column_groups(rows: list[dict[str, Any]], cols: list[str], width: float = PAGE_PX) -> list[list[str]]:
+    """``cols`` cut into tables no wider than ``width`` pixels (:func:`column_width_px`), each
+    beginning with :func:`key_columns`; one group when everything fits."""
+    def w(c: str) -> float:
+        return column_width_px(rows, c)
+
+    if sum(w(c) for c in cols) <= width:
+        return [list(cols)]
+    keys = key_columns(rows, cols)
+    base, rest = sum(w(c) for c in keys), cols[len(keys):]
+    count = 0                              # the fewest tables: fill each in turn
+    used = width
+    for c in rest:
+        if count and base + used + w(c) <= width:
+            used += w(c)
+        else:
+            count, used = count + 1, w(c)
+    # then the same number of tables, as even as possible: the cut that makes the widest narrowest
+    ws = [w(c) for c in rest]
+    best: dict[tuple[int, int], tuple[float, list[int]]] = {}
+
+    def split(i: int, k: int) -> tuple[float, list[int]]:
+        """(widest part, cut points) of rest[i:] in k contiguous parts."""
+        if k == 1:
+            return sum(ws[i:]), []
+        if (i, k) not in best:
+            best[(i, k)] = min(((max(sum(ws[i:j]), split(j, k - 1)[0]), [j, *split(j, k - 1)[1]])
+                                for j in range(i + 1, len(ws) - k + 2)), key=lambda x: x[0])
+        return best[(i, k)]
+
+    cuts = [0, *split(0, count)[1], len(rest)]
+    return [keys + rest[a:b] for a, b in zip(cuts, cuts[1:], strict=False)]
+
+
+def markdown(rows: list[dict[str, Any]], columns: list[str] | None = None, width: float | None = PAGE_PX) -> str:
+    """A markdown table of ``rows`` (floats to 3 significant digits, None as –, booleans as PASS/FAIL).
+
+    Wider than ``width`` pixels, it becomes several tables (:func:`column_groups`) that each
+    repeat the identifying columns, rather than one whose last columns hide behind a scroll bar;
+    ``width=None`` keeps one table."""
     if not rows:
         return "(no rows)"
     cols = columns or list(dict.fromkeys(k for r in rows for k in r))
-    head = "| " + " | ".join(cols) + " |\n|" + "---|" * len(cols) + "\n"
-    return head + "\n".join("| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |" for r in rows)
+    parts = []
+    for group in ([cols] if width is None else column_groups(rows, cols, width)):
+        head = "| " + " | ".join(group) + " |\n|" + "---|" * len(group) + "\n"
+        parts.append(head + "\n".join("| " + " | ".join(_fmt(r.get(c)) for c in group) + " |" for r in rows))
+    return "\n\n".join(parts)
 
 
 #: Text columns that would make very tall table rows: shown below the table instead of in it.

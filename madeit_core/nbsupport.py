@@ -21,6 +21,7 @@ import contextlib
 import html
 import io
 import os
+import re
 import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -265,11 +266,36 @@ def show_figure(fig: Any, dpi: int = 110) -> None:
     display(Image(buf.getvalue()))
 
 
+#: Characters after which a table cell's text may break (``<wbr>``): identifiers such as
+#: ``made_it_bank_parameters`` or ``subspace(oversample=max(10,k))`` have no spaces, and a column
+#: no narrower than its longest one pushes a wide table's last columns behind a scroll bar.
+SOFT_BREAK_AFTER = "_,(=:"
+
+
+def soft_breaks(html_text: str) -> str:
+    """``html_text`` with ``<wbr>`` after each :data:`SOFT_BREAK_AFTER` character in the text of
+    table cells (``th``/``td``): tags, attributes and text outside tables are left as they are."""
+    out, depth = [], 0
+    for part in re.split(r"(<[^>]*>)", html_text):
+        if part.startswith("<"):
+            tag = re.match(r"</?\s*(\w+)", part)
+            if tag and tag.group(1).lower() in ("td", "th"):
+                depth += -1 if part.startswith("</") else 1
+            out.append(part)
+        elif depth > 0:
+            out.append(re.sub(f"([{re.escape(SOFT_BREAK_AFTER)}])(?=\\S)", r"\1<wbr>", part))
+        else:
+            out.append(part)
+    return "".join(out)
+
+
 def markdown_html(text: str) -> str:
-    """Markdown (CommonMark with tables) rendered to HTML; tables get the theme's ``table`` class."""
+    """Markdown (CommonMark with tables) rendered to HTML; tables get the theme's ``table`` class
+    and their cells soft breaks (:func:`soft_breaks`)."""
     from markdown_it import MarkdownIt
 
-    return MarkdownIt("commonmark").enable("table").render(text).replace("<table>", '<table class="table">')
+    rendered = MarkdownIt("commonmark").enable("table").render(text).replace("<table>", '<table class="table">')
+    return soft_breaks(rendered)
 
 
 def show_markdown(text: str) -> None:

@@ -425,3 +425,27 @@ def test_summary_leaves_out_suites_the_run_did_not_include(quick: tuple[Path, di
     part = {**res, "sections": {k: v for k, v in res["sections"].items() if k == "absorb"}}
     text = R.summary_markdown(part)
     assert "### Absorb cost" in text and "### Routed inference" not in text and "### Top-k SVD" not in text
+
+
+def test_wide_tables_split_into_page_wide_parts():
+    rows = [{"shape": s, "method": m, **{f"measurement_{i}_s": 0.123 * i for i in range(8)}}
+            for s in ("vit-b32", "efficientnet") for m in ("made_it", "opcm")]
+    md = R.markdown(rows)
+    tables = md.split("\n\n")
+    assert len(tables) > 1
+    seen = []
+    for t in tables:
+        head = [c.strip() for c in t.splitlines()[0].strip("|").split("|")]
+        assert head[:2] == ["shape", "method"]           # shape alone repeats: the key is two columns
+        seen += head[2:]
+        assert sum(R.column_width_px(rows, c) for c in head) <= R.PAGE_PX
+        assert len(t.splitlines()) == 2 + len(rows)
+    assert seen == [f"measurement_{i}_s" for i in range(8)]  # every column once, in order
+    assert "\n\n" not in R.markdown(rows, width=None)
+    narrow = [{"m": "a", "s": 1.0}]
+    assert R.markdown(narrow) == "| m | s |\n|---|---|\n| a | 1 |"
+    assert R.key_columns([{"a": 1, "b": 1}, {"a": 1, "b": 2}], ["a", "b"]) == ["a", "b"]
+    assert R._text_width("MADE-IT absorb ≤ 0.25× OPCM's, same run") == R.WRAP_CHARS
+    assert R._text_width("abcdefghijklmnopqrstuvwxyz0123") == 30                       # no break: whole
+    assert R._text_width("absorb_vit-b32_made_it_randomized_vs_opcm") == R.WRAP_CHARS   # breaks after - and _
+    assert R._text_width("a_very_long_piece:" + "x" * 25) == 25                       # its longest piece

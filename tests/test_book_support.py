@@ -558,3 +558,14 @@ def test_table2_long_rows_per_source_and_group() -> None:
     assert md[0] == "| source · group | subspace · ACC | cosine · ACC | subspace · BWT | cosine · BWT |"
     assert md[2] == "| ref · g8 | 50.0±1.0 | 48.0±2.0 (n=4) | -2.0±0.5 | -3.0±0.5 (n=4) |"
     assert md[3].split(" | ")[2] == "{:.1f}±{:.1f}".format(*TABLE2["cosine"]["ViT-L/14"]["ACC"])
+
+
+def test_table_cells_get_soft_breaks_and_nothing_else_does() -> None:
+    md = ("see [a_b](https://x.org/a_b,c) and made_it\n\n"
+          "| made_it_bank_parameters | variant |\n|---|---|\n| [x_y](https://x.org/p_q) | max(10,k) |")
+    html = nbsupport.markdown_html(md)
+    assert "<th>made_<wbr>it_<wbr>bank_<wbr>parameters</th>" in html
+    assert "max(<wbr>10,<wbr>k)" in html
+    assert 'href="https://x.org/p_q"' in html and ">x_<wbr>y</a>" in html     # attributes untouched
+    assert html.startswith("<p>see <a href=\"https://x.org/a_b,c\">a_b</a> and made_it</p>")
+    assert nbsupport.soft_breaks("<td>a_</td>") == "<td>a_</td>"               # nothing after: no break
