@@ -8,7 +8,10 @@ Per page, the rendered DOM (after MathJax has finished) is probed for:
   page's text outside code blocks;
 - images: every ``<img>`` finished loading with a non-zero natural size;
 - offline: no resource was requested from the network (only ``file:`` URLs);
-- notebooks: no traceback output cell.
+- notebooks: no traceback output cell;
+- width: no table wider than the page's content column (its last columns would hide behind a
+  horizontal scroll bar, as the performance page's did); the probe lays the page out at
+  ``--width``, like the screenshot.
 A screenshot of each page goes to ``--out``. The probe works on a temporary copy of the page
 placed beside it (so relative links resolve) and removed afterwards. Exit status 1 when any page
 fails, 2 when no Chromium can be found (install Debian's ``chromium`` package).
@@ -53,6 +56,29 @@ PROBE_JS = r"""
     }
     return hits;
   }
+  function wideTables() {
+    var article = document.querySelector("article.bd-article") || document.querySelector("main") || document.body;
+    var right = article.getBoundingClientRect().right;
+    function scroller(t) {
+      for (var p = t.parentElement; p && p !== article; p = p.parentElement) {
+        var o = getComputedStyle(p).overflowX;
+        if (o === "auto" || o === "scroll" || o === "hidden") return p;
+      }
+      return null;
+    }
+    var out = [];
+    Array.prototype.slice.call(article.querySelectorAll("table")).forEach(function (t) {
+      var r = t.getBoundingClientRect(), box = scroller(t);
+      if (r.width === 0) return;
+      // the visible right edge: the scroll box's (a table may sit in one), else the article's
+      var edge = box ? box.getBoundingClientRect().left + box.clientLeft + box.clientWidth : right;
+      if (r.right <= edge + 8) return;  // a border's overhang hides no column
+      var first = t.querySelector("th, td");
+      out.push((first ? first.textContent.trim().slice(0, 60) : "") + ": " + Math.round(r.right - edge) +
+               " of " + Math.round(r.width) + " px out of sight");
+    });
+    return out;
+  }
   function report(mathjaxError) {
     var math = Array.prototype.slice.call(document.querySelectorAll("span.math, div.math"));
     var untypeset = math.filter(function (m) { return !m.querySelector("mjx-container"); })
@@ -76,6 +102,7 @@ PROBE_JS = r"""
       bad_images: badImages,
       network: network,
       tracebacks: document.querySelectorAll(".output.traceback, .cell_output .traceback").length,
+      wide_tables: wideTables(),
       mathjax_error: mathjaxError || null,
       height: Math.max(document.body.scrollHeight, document.documentElement.scrollHeight)
     };
@@ -124,7 +151,7 @@ def _chromium(browser: str, args: list[str], profile: str, timeout: float) -> su
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
 
 
-def probe_page(browser: str, page: Path, timeout: float) -> dict:
+def probe_page(browser: str, page: Path, timeout: float, width: int = 1280, height: int = 900) -> dict:
     """The probe's JSON for ``page``, from a temporary copy with the probe script injected."""
     text = page.read_text(encoding="utf-8")
     if "</body>" not in text:
@@ -133,7 +160,8 @@ def probe_page(browser: str, page: Path, timeout: float) -> dict:
     probe_copy.write_text(text.replace("</body>", PROBE_JS + "</body>", 1), encoding="utf-8")
     try:
         with tempfile.TemporaryDirectory(prefix="check-book-") as profile:
-            res = _chromium(browser, ["--dump-dom", probe_copy.as_uri()], profile, timeout)
+            res = _chromium(browser, [f"--window-size={width},{height}", "--dump-dom", probe_copy.as_uri()],
+                            profile, timeout)
     finally:
         probe_copy.unlink(missing_ok=True)
     m = re.search(rf'<pre id="{PROBE_ID}"[^>]*>(.*?)</pre>', res.stdout, re.S)
@@ -167,6 +195,8 @@ def problems_of(probe: dict) -> list[str]:
         out.append(f"network request(s): {probe['network'][:5]}")
     if probe["tracebacks"]:
         out.append(f"{probe['tracebacks']} traceback output(s)")
+    if probe.get("wide_tables"):
+        out.append(f"{len(probe['wide_tables'])} table(s) wider than the page, e.g. {probe['wide_tables'][:3]}")
     if not probe["h1"]:
         out.append("no <h1> title")
     return out
@@ -177,7 +207,7 @@ def check_page(browser: str, root: Path, page: Path, out: Path, width: int, heig
     rel = page.relative_to(root).as_posix()
     result = PageResult(rel)
     try:
-        result.probe = probe_page(browser, page, timeout)
+        result.probe = probe_page(browser, page, timeout, width, height)
         result.problems = problems_of(result.probe)
     except (RuntimeError, subprocess.TimeoutExpired, json.JSONDecodeError) as exc:
         result.problems.append(f"probe failed: {exc}")

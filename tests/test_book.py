@@ -97,7 +97,8 @@ def test_check_book_verdicts() -> None:
     assert cb.problems_of(_probe()) == []
     cases = {"untypeset": ["\\(x\\)"], "tex_errors": ["Undefined control sequence"], "raw_math": ["$$x$$"],
              "bad_images": ["../_images/a.svg"], "network": ["https://cdn.example/x.js"], "tracebacks": 1,
-             "mathjax_error": "MathJax did not load", "h1": []}
+             "mathjax_error": "MathJax did not load", "h1": [],
+             "wide_tables": ["task (toy-6) (912 px, page 690 px)"]}
     for key, value in cases.items():
         assert len(cb.problems_of(_probe(**{key: value}))) == 1, key
 
