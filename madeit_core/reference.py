@@ -38,7 +38,7 @@ from madeit_core.errors import MergeInputError
 from madeit_core.io import read_json, write_json
 from madeit_core.nbparams import NOTEBOOKS
 from madeit_core.nbsupport import analysis_path, pairwise_for_benchmark, pairwise_name, runs_for_seeds
-from madeit_core.protocol import RunSpec, git_commit, hardware, resolve_device, results_path
+from madeit_core.protocol import RunSpec, git_commit, group_tasks, hardware, resolve_device, results_path
 from madeit_core.reproduce import MethodRun, run_grid
 
 log = logging.getLogger(__name__)
@@ -187,10 +187,16 @@ def run_key(group: str, run: MethodRun, r: int, profile: str) -> str:
     return _manifest_key(results_path(Path("."), spec))
 
 
-def grid_status(manifest: Mapping[str, Any] | None, jobs: Sequence[Job], profile: str) -> list[dict[str, Any]]:
+def grid_status(manifest: Mapping[str, Any] | None, jobs: Sequence[Job], profile: str,
+                tasks_per_group: Mapping[str, int] | None = None) -> list[dict[str, Any]]:
     """Per planned (group, row): orders recorded in ``manifest`` of those planned, the median wall
     time of a recorded run, and the time the missing ones would take at that median (None when
-    no run of the row has finished). The plan is ``jobs`` (e.g. :func:`reference_jobs`)."""
+    no run of the row has finished). The plan is ``jobs`` (e.g. :func:`reference_jobs`).
+
+    A row with no finished run on its group gets ``extrapolated_s``: the same row's median on the
+    group with the nearest number of tasks, scaled linearly in the number of tasks, times the
+    missing runs: a rough guess (ODE-M's Euler steps, for one, grow more slowly than that), None
+    when no group has a finished run. ``tasks_per_group`` defaults to the task groups' sizes."""
     runs = (manifest or {}).get("runs", {})
     rows: dict[tuple[str, str], dict[str, Any]] = {}
     for j in jobs:
@@ -210,6 +216,25 @@ def grid_status(manifest: Mapping[str, Any] | None, jobs: Sequence[Job], profile
         row["median_wall_s"] = med
         row["missing_s"] = None if med is None else med * (row["planned"] - row["done"])
         out.append(row)
+
+    def size(group: str) -> int | None:
+        if tasks_per_group is not None:
+            return tasks_per_group.get(group)
+        try:
+            return len(group_tasks(group))
+        except MergeInputError:
+            return None
+
+    for row in out:
+        row["extrapolated_s"] = None
+        t = size(row["group"])
+        if row["median_wall_s"] is not None or t is None:
+            continue
+        known = [(abs(size(o["group"]) - t), size(o["group"]), o["median_wall_s"]) for o in out
+                 if o["label"] == row["label"] and o["median_wall_s"] is not None and size(o["group"])]
+        if known:
+            _, t0, med = min(known)
+            row["extrapolated_s"] = med * t / t0 * (row["planned"] - row["done"])
     return out
 
 
@@ -235,8 +260,15 @@ def grid_status_markdown(rows: Sequence[Mapping[str, Any]]) -> str:
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     done, planned = sum(r["done"] for r in rows), sum(r["planned"] for r in rows)
     known = sum(r["missing_s"] for r in rows if r["missing_s"] is not None)
-    unknown = sum(1 for r in rows if r["median_wall_s"] is None)
-    tail = f"; {unknown} group rows with no finished run yet are not counted" if unknown else ""
+    unknown = [r for r in rows if r["median_wall_s"] is None]
+    guessed = [r["extrapolated_s"] for r in unknown if r.get("extrapolated_s") is not None]
+    tail = ""
+    if guessed:
+        tail += (f"; {len(guessed)} group rows with no finished run yet would add roughly {fmt_s(sum(guessed))} "
+                 "(the same row's median on the group with the nearest number of tasks, scaled linearly in "
+                 "the number of tasks)")
+    if len(unknown) > len(guessed):
+        tail += f"; {len(unknown) - len(guessed)} group rows with no finished run anywhere are not counted"
     return ("\n".join(lines) + f"\n\nCells: orders done / planned · median wall time of a finished run. {done} of "
             f"{planned} protocol runs recorded; the rest would take about {fmt_s(known)} at the recorded pace{tail}.\n")
 

@@ -462,8 +462,17 @@ def test_grid_status_counts_orders_medians_and_time_left() -> None:
     md = grid_status_markdown(list(rows.values()))
     assert "| row | g8 |" in md and "| Average (SWA) | 2/3 · 20 s |" in md and "| cosine | 0/3 |" in md
     assert "2 of 6 protocol runs recorded; the rest would take about 20 s" in md
-    assert "1 group rows with no finished run yet" in md
+    assert "1 group rows with no finished run anywhere are not counted" in md
     assert grid_status(None, jobs, "offline")[0]["done"] == 0
+    # a row finished on one group only: its other groups' time is extrapolated in the number of tasks
+    jobs2 = [*jobs, bookplan.Job("g20", (swa,), (42, 43, 44)), bookplan.Job("g14", (swa,), (42, 43, 44))]
+    rows2 = grid_status(manifest, jobs2, "offline", tasks_per_group={"g8": 8, "g14": 14, "g20": 20})
+    by = {(r["group"], r["label"]): r for r in rows2}
+    assert by[("g20", "Average (SWA)")]["extrapolated_s"] == 20.0 * 20 / 8 * 3
+    assert by[("g8", "Average (SWA)")]["extrapolated_s"] is None and by[("g8", "cosine")]["extrapolated_s"] is None
+    md2 = grid_status_markdown(rows2)
+    assert "2 group rows with no finished run yet would add roughly 4 min" in md2      # 105 + 150 s
+    assert "1 group rows with no finished run anywhere are not counted" in md2
 
 
 def test_analysis_status_names_each_groups_pairwise_scores() -> None:
