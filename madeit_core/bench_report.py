@@ -236,11 +236,12 @@ WRAP_CHARS = 20
 
 def _text_width(text: str) -> int:
     """Characters ``text`` takes across in a comfortably narrow column: a line breaks at spaces,
-    after hyphens and after the book's soft breaks (:data:`madeit_core.nbsupport.SOFT_BREAK_AFTER`),
+    after hyphens and at the book's soft breaks (:data:`madeit_core.nbsupport.SOFT_BREAK`),
     and such text wraps to :data:`WRAP_CHARS` or its longest unbreakable piece."""
-    from madeit_core.nbsupport import SOFT_BREAK_AFTER
+    from madeit_core.nbsupport import SOFT_BREAK
 
-    pieces = [x for x in re.split(f"\\s+|(?<=[-{re.escape(SOFT_BREAK_AFTER)}])", text.strip()) if x]
+    marked = SOFT_BREAK.sub("\\1\\n", re.sub(r"(?<=\S-)(?=\S)", "\n", text.strip()))
+    pieces = [x for x in re.split(r"\s+", marked) if x]
     if len(pieces) <= 1:
         return len(text.strip())
     return max(max(len(x) for x in pieces), min(len(text.strip()), WRAP_CHARS))

@@ -270,6 +270,10 @@ def show_figure(fig: Any, dpi: int = 110) -> None:
 #: ``made_it_bank_parameters`` or ``subspace(oversample=max(10,k))`` have no spaces, and a column
 #: no narrower than its longest one pushes a wide table's last columns behind a scroll bar.
 SOFT_BREAK_AFTER = "_,(=:"
+#: Where a soft break goes: after such a character with two word characters on either side, so
+#: ``made_it_bank``, ``svd=exact`` and ``max(10`` may break but ``T=8``, ``(n=2)`` and
+#: ``batch 128 (CPU)`` stay whole.
+SOFT_BREAK = re.compile(f"(?<=\\w\\w)([{re.escape(SOFT_BREAK_AFTER)}])(?=\\w\\w)")
 
 
 def soft_breaks(html_text: str) -> str:
@@ -283,7 +287,7 @@ def soft_breaks(html_text: str) -> str:
                 depth += -1 if part.startswith("</") else 1
             out.append(part)
         elif depth > 0:
-            out.append(re.sub(f"([{re.escape(SOFT_BREAK_AFTER)}])(?=\\S)", r"\1<wbr>", part))
+            out.append(re.sub(SOFT_BREAK, r"\1<wbr>", part))
         else:
             out.append(part)
     return "".join(out)

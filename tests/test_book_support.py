@@ -570,11 +570,13 @@ def test_table2_long_rows_per_source_and_group() -> None:
 
 
 def test_table_cells_get_soft_breaks_and_nothing_else_does() -> None:
-    md = ("see [a_b](https://x.org/a_b,c) and made_it\n\n"
-          "| made_it_bank_parameters | variant |\n|---|---|\n| [x_y](https://x.org/p_q) | max(10,k) |")
+    md = ("see [ab_cd](https://x.org/ab_cd,ef) and made_it\n\n"
+          "| made_it_bank_parameters | variant |\n|---|---|\n| [xx_yy](https://x.org/pp_qq) | max(10,kk) |")
     html = nbsupport.markdown_html(md)
     assert "<th>made_<wbr>it_<wbr>bank_<wbr>parameters</th>" in html
-    assert "max(<wbr>10,<wbr>k)" in html
-    assert 'href="https://x.org/p_q"' in html and ">x_<wbr>y</a>" in html     # attributes untouched
-    assert html.startswith("<p>see <a href=\"https://x.org/a_b,c\">a_b</a> and made_it</p>")
+    assert "max(<wbr>10,<wbr>kk)" in html
+    assert 'href="https://x.org/pp_qq"' in html and ">xx_<wbr>yy</a>" in html   # attributes untouched
+    assert html.startswith("<p>see <a href=\"https://x.org/ab_cd,ef\">ab_cd</a> and made_it</p>")
     assert nbsupport.soft_breaks("<td>a_</td>") == "<td>a_</td>"               # nothing after: no break
+    short = "<td>batch 128 (CPU), T=8 (n=2), x_1, svd=exact</td>"                # short or spaced: whole
+    assert nbsupport.soft_breaks(short) == short.replace("svd=", "svd=<wbr>")
