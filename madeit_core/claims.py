@@ -6,6 +6,7 @@ Each function returns ``{"verdict": "reproduced" | "partly" | "not reproduced", 
 
 from __future__ import annotations
 
+import math
 import statistics
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -152,12 +153,18 @@ def affinity_wider_than_cosine(affinity: Sequence[float], cosine: Sequence[float
             "evidence": f"IQR affinity {ia:.3f} vs cosine {ic:.3f}; {100 * near_zero:.0f}% of cosine scores in ±0.05"}
 
 
-def plateau(values: Sequence[float], acc: Sequence[float], tolerance: float = 1.0) -> dict[str, Any]:
+def plateau(values: Sequence[float], acc: Sequence[float], tolerance: float = 1.0,
+            by_order: Sequence[Mapping[Any, float]] | None = None) -> dict[str, Any]:
     """Claim: ACC plateaus over a range of the hyper-parameter (paper Fig. 6).
 
     Rule: the plateau is the longest run of consecutive values whose ACC is within ``tolerance``
     points of the best. Reproduced when it spans at least three values; partly with two; not
     reproduced with one.
+
+    ``by_order`` (per value, order seed → ACC) adds context that does not change the verdict: the
+    values whose ACC differs from the best value's by at most two standard errors of the paired
+    difference over their common orders (``within_noise``). With ten orders whose ACC spreads by
+    several points, a one-point window can be narrower than what the orders can tell apart.
     """
     best = max(acc)
     runs, cur = [], []
@@ -172,8 +179,25 @@ def plateau(values: Sequence[float], acc: Sequence[float], tolerance: float = 1.
         runs.append(cur)
     longest = max(runs, key=len)
     verdict = REPRODUCED if len(longest) >= 3 else PARTLY if len(longest) == 2 else NOT
-    return {"verdict": verdict, "plateau": longest, "best": best,
-            "evidence": f"within {tolerance} points of the best ACC ({best:.1f}) for values {longest}"}
+    out = {"verdict": verdict, "plateau": longest, "best": best,
+           "evidence": f"within {tolerance} points of the best ACC ({best:.1f}) for values {longest}"}
+    if by_order is not None:
+        if len(by_order) != len(values):
+            raise ValueError(f"by_order has {len(by_order)} entries for {len(values)} values")
+        top = by_order[list(acc).index(best)]
+        near = []
+        for v, orders in zip(values, by_order):
+            common = sorted(set(orders) & set(top), key=str)
+            if len(common) < 2:
+                continue
+            d = [orders[k] - top[k] for k in common]
+            se = statistics.stdev(d) / math.sqrt(len(d))
+            if abs(statistics.fmean(d)) <= 2 * se or v == values[list(acc).index(best)]:
+                near.append(v)
+        out["within_noise"] = near
+        out["evidence"] += (f"; paired over the orders, {len(near)} of {len(values)} values are within two "
+                            f"standard errors of the best: {near}")
+    return out
 
 
 def combine(verdicts: Sequence[Mapping[str, Any]], labels: Sequence[str] | None = None) -> dict[str, Any]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from madeit_core.claims import (
     NOT,
     PARTLY,
@@ -73,3 +75,20 @@ def test_plateau() -> None:
     assert plateau([0.05, 0.1, 0.2, 0.5], [80, 80.5, 80.2, 70])["verdict"] == REPRODUCED
     assert plateau([0.05, 0.1, 0.2, 0.5], [70, 80.5, 80.2, 60])["verdict"] == PARTLY
     assert plateau([0.05, 0.1, 0.2], [70, 80.5, 60])["verdict"] == NOT
+
+
+def test_plateau_reports_values_the_orders_cannot_tell_from_the_best() -> None:
+    # best value 0.2 (mean 60); 0.1 differs by 4 points on average but by +-10 from order to order
+    # (within noise); 0.5 is 10 points lower on every order (outside); 0.05 shares one order only
+    best = {1: 60.0, 2: 70.0, 3: 50.0, 4: 60.0}
+    noisy = {1: 66.0, 2: 56.0, 3: 56.0, 4: 46.0}
+    low = {k: v - 10 for k, v in best.items()}
+    values, by_order = [0.05, 0.1, 0.2, 0.5], [{1: 59.0}, noisy, best, low]
+    acc = [59.0, 56.0, 60.0, 50.0]
+    out = plateau(values, acc, by_order=by_order)
+    assert out["verdict"] == NOT and out["plateau"] == [0.05]         # the rule's verdict is unchanged
+    assert out["within_noise"] == [0.1, 0.2]
+    assert "2 of 4 values are within two standard errors of the best: [0.1, 0.2]" in out["evidence"]
+    assert "within_noise" not in plateau(values, acc)
+    with pytest.raises(ValueError, match="3 entries for 4 values"):
+        plateau(values, acc, by_order=by_order[:3])
