@@ -58,7 +58,8 @@ def beats_rivals(rows: Sequence[Mapping[str, Any]], ours: str = "MADE-IT",
     with MADE-IT on those orders only (their number is in the evidence), never with MADE-IT's mean
     over orders the rival has not seen. A rival with no order in common counts as missing. Without
     ``runs``, the row means are compared as they are (the rule as first written; it assumed
-    complete grids).
+    complete grids). With two or more common orders, the evidence also gives the paired difference
+    to the closest rival with two standard errors: context for the verdict, which it does not change.
     """
     per = _acc_by_order(runs) if runs is not None else None
     groups = sorted({r["group"] for r in rows})
@@ -77,8 +78,10 @@ def beats_rivals(rows: Sequence[Mapping[str, Any]], ours: str = "MADE-IT",
             a, b = per.get((ours, g), {}), per.get((m, g), {})
             common = set(a) & set(b)
             if common:
+                d = [a[s] - b[s] for s in sorted(common, key=str)]
                 paired[m] = {"ours": statistics.fmean(a[s] for s in common),
-                             "rival": statistics.fmean(b[s] for s in common), "orders": len(common)}
+                             "rival": statistics.fmean(b[s] for s in common), "orders": len(common),
+                             "diff_se": statistics.stdev(d) / math.sqrt(len(d)) if len(d) >= 2 else None}
         beaten = [m for m, p in paired.items() if p["ours"] > p["rival"]]
         wins += len(beaten)
         comparisons += len(paired)
@@ -88,7 +91,7 @@ def beats_rivals(rows: Sequence[Mapping[str, Any]], ours: str = "MADE-IT",
         closest = paired.get(best_rival, {})
         detail[g] = {"ours": in_g[ours]["ACC"], "best_rival": best_rival,
                      "best_rival_acc": closest.get("rival"), "ours_on_common": closest.get("ours"),
-                     "common_orders": closest.get("orders"),
+                     "common_orders": closest.get("orders"), "diff_se": closest.get("diff_se"),
                      "orders": len(per.get((ours, g), {})) if per is not None else None,
                      "beaten": len(beaten), "rivals": len(paired), "paired": paired,
                      "missing": [m for m in (rivals or named) if m != ours and m not in paired]}
@@ -106,6 +109,9 @@ def beats_rivals(rows: Sequence[Mapping[str, Any]], ours: str = "MADE-IT",
         if d["common_orders"] is not None and d["common_orders"] != d["orders"]:
             text += (f" on the {d['common_orders']} order{'s' if d['common_orders'] != 1 else ''} it ran"
                      f" (MADE-IT {d['ours_on_common']:.1f} on those)")
+        if d.get("diff_se") is not None:
+            text += (f", paired difference {d['ours_on_common'] - d['best_rival_acc']:+.1f} ± "
+                     f"{2 * d['diff_se']:.1f} (two standard errors)")
         return text
 
     parts = [f"{g}: {closest(d)} (beats {d['beaten']}/{d['rivals']}"

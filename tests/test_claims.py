@@ -47,13 +47,15 @@ def test_beats_rivals_pairs_orders() -> None:
     assert beats_rivals(means, rivals=["ODE-M", "OPCM"])["verdict"] == NOT
     r = beats_rivals(means, rivals=["ODE-M", "OPCM", "SWA"], runs=runs)
     g = r["groups"]["g8"]
-    assert g["paired"]["ODE-M"] == {"ours": 80.0, "rival": 70.0, "orders": 1}
-    assert g["paired"]["OPCM"] == {"ours": 60.0, "rival": 57.5, "orders": 2}
+    assert g["paired"]["ODE-M"] == {"ours": 80.0, "rival": 70.0, "orders": 1, "diff_se": None}
+    # OPCM: differences -5 and +10 on the two common orders, standard error 7.5
+    assert g["paired"]["OPCM"] == {"ours": 60.0, "rival": 57.5, "orders": 2, "diff_se": 7.5}
     # SWA shares no order with MADE-IT: missing, not compared
     assert g["missing"] == ["SWA"] and g["rivals"] == 2 and r["verdict"] == REPRODUCED
     # the closest rival is the smallest margin (OPCM, +2.5), with its order count in the evidence
     assert g["best_rival"] == "OPCM"
-    assert "66.7 vs best rival OPCM 57.5 on the 2 orders it ran (MADE-IT 60.0 on those)" in r["evidence"]
+    assert ("66.7 vs best rival OPCM 57.5 on the 2 orders it ran (MADE-IT 60.0 on those), paired difference "
+            "+2.5 ± 15.0 (two standard errors)") in r["evidence"]
 
 
 def test_generic_to_specific() -> None:
