@@ -194,9 +194,9 @@ def grid_status(manifest: Mapping[str, Any] | None, jobs: Sequence[Job], profile
     no run of the row has finished). The plan is ``jobs`` (e.g. :func:`reference_jobs`).
 
     A row with no finished run on its group gets ``extrapolated_s``: the same row's median on the
-    group with the nearest number of tasks, scaled linearly in the number of tasks, times the
-    missing runs: a rough guess (ODE-M's Euler steps, for one, grow more slowly than that), None
-    when no group has a finished run. ``tasks_per_group`` defaults to the task groups' sizes."""
+    group with the nearest number of tasks, scaled by :func:`cost_units` from that number of tasks
+    to this one, times the missing runs: a rough guess, None when no group has a finished run.
+    ``tasks_per_group`` defaults to the task groups' sizes."""
     runs = (manifest or {}).get("runs", {})
     rows: dict[tuple[str, str], dict[str, Any]] = {}
     for j in jobs:
@@ -220,6 +220,8 @@ def grid_status(manifest: Mapping[str, Any] | None, jobs: Sequence[Job], profile
     def size(group: str) -> int | None:
         if tasks_per_group is not None:
             return tasks_per_group.get(group)
+        import madeit_core.data.suites  # noqa: F401  (registers the offline task groups)
+
         try:
             return len(group_tasks(group))
         except MergeInputError:
@@ -234,8 +236,22 @@ def grid_status(manifest: Mapping[str, Any] | None, jobs: Sequence[Job], profile
                  if o["label"] == row["label"] and o["median_wall_s"] is not None and size(o["group"])]
         if known:
             _, t0, med = min(known)
-            row["extrapolated_s"] = med * t / t0 * (row["planned"] - row["done"])
+            unit = cost_units(row["method"], t) / cost_units(row["method"], t0)
+            row["extrapolated_s"] = med * unit * (row["planned"] - row["done"])
     return out
+
+
+def cost_units(method: str, num_tasks: int) -> float:
+    """What a run's time grows with, in arbitrary units, for :func:`grid_status`'s extrapolation:
+    ODE-M's merge steps are Euler steps of about equal cost (each a pass over the same 2,048
+    calibration images whatever the number of tasks), Σ_k ⌊100/k⌋ of them at its default step of
+    0.01 (170 for 8 tasks, 222 for 14, 254 for 20); every other method does about the same work
+    per task, so its units are the number of tasks."""
+    if method == "odem":
+        from madeit_core.methods.odem import euler_times
+
+        return float(sum(len(euler_times(k)[0]) for k in range(2, num_tasks + 1)))
+    return float(num_tasks)
 
 
 def grid_status_markdown(rows: Sequence[Mapping[str, Any]]) -> str:
@@ -265,8 +281,8 @@ def grid_status_markdown(rows: Sequence[Mapping[str, Any]]) -> str:
     tail = ""
     if guessed:
         tail += (f"; {len(guessed)} group rows with no finished run yet would add roughly {fmt_s(sum(guessed))} "
-                 "(the same row's median on the group with the nearest number of tasks, scaled linearly in "
-                 "the number of tasks)")
+                 "(the same row's median on the group with the nearest number of tasks, scaled to this one's: by "
+                 "the number of Euler steps for ODE-M, by the number of tasks otherwise)")
     if len(unknown) > len(guessed):
         tail += f"; {len(unknown) - len(guessed)} group rows with no finished run anywhere are not counted"
     return ("\n".join(lines) + f"\n\nCells: orders done / planned · median wall time of a finished run. {done} of "
@@ -419,6 +435,6 @@ def run_reference(params: Mapping[str, Any], out: str | os.PathLike[str], notebo
 
 
 __all__ = ["COST_TIERS", "MANIFEST_FORMAT", "analysis_status", "analysis_status_markdown", "check_zoo", "claim_run",
-           "grid_status",
+           "cost_units", "grid_status",
            "grid_status_markdown", "load_manifest", "reference_jobs", "run_key", "run_order", "run_reference",
            "save_manifest"]

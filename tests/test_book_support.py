@@ -472,6 +472,15 @@ def test_grid_status_counts_orders_medians_and_time_left() -> None:
     assert by[("g8", "Average (SWA)")]["extrapolated_s"] is None and by[("g8", "cosine")]["extrapolated_s"] is None
     md2 = grid_status_markdown(rows2)
     assert "2 group rows with no finished run yet would add roughly 4 min" in md2      # 105 + 150 s
+    # ODE-M scales with its Euler steps, not with the number of tasks
+    from madeit_core.reference import cost_units
+    assert [cost_units("odem", t) for t in (8, 14, 20)] == [170.0, 222.0, 254.0]
+    assert cost_units("swa", 14) == 14.0
+    odem = MethodRun("ODE-M", "odem")
+    jobs3 = [bookplan.Job("g8", (odem,), (42, 43)), bookplan.Job("g20", (odem,), (42, 43))]
+    m3 = {"runs": {run_key("g8", odem, 0, "offline"): {"wall_s": 170.0}}}
+    rows3 = {r["group"]: r for r in grid_status(m3, jobs3, "offline", tasks_per_group={"g8": 8, "g20": 20})}
+    assert rows3["g20"]["extrapolated_s"] == pytest.approx(254.0 * 2)
     assert "1 group rows with no finished run anywhere are not counted" in md2
 
 
