@@ -264,22 +264,19 @@ def column_width_px(rows: list[dict[str, Any]], c: str) -> float:
 def column_groups(rows: list[dict[str, Any]], cols: list[str], width: float = PAGE_PX) -> list[list[str]]:
     """``cols`` cut into tables no wider than ``width`` pixels (:func:`column_width_px`), each
     beginning with :func:`key_columns`; one group when everything fits."""
-    def w(c: str) -> float:
-        return column_width_px(rows, c)
-
-    if sum(w(c) for c in cols) <= width:
+    width_of = {c: column_width_px(rows, c) for c in cols}      # each column measured once
+    if sum(width_of.values()) <= width:
         return [list(cols)]
     keys = key_columns(rows, cols)
-    base, rest = sum(w(c) for c in keys), cols[len(keys):]
-    count = 0                              # the fewest tables: fill each in turn
-    used = width
-    for c in rest:
-        if count and base + used + w(c) <= width:
-            used += w(c)
+    base, rest = sum(width_of[c] for c in keys), cols[len(keys):]
+    ws = [width_of[c] for c in rest]
+    count, used = 0, width                 # the fewest tables: fill each in turn
+    for wc in ws:
+        if count and base + used + wc <= width:
+            used += wc
         else:
-            count, used = count + 1, w(c)
+            count, used = count + 1, wc
     # then the same number of tables, as even as possible: the cut that makes the widest narrowest
-    ws = [w(c) for c in rest]
     best: dict[tuple[int, int], tuple[float, list[int]]] = {}
 
     def split(i: int, k: int) -> tuple[float, list[int]]:
@@ -287,8 +284,11 @@ def column_groups(rows: list[dict[str, Any]], cols: list[str], width: float = PA
         if k == 1:
             return sum(ws[i:]), []
         if (i, k) not in best:
-            best[(i, k)] = min(((max(sum(ws[i:j]), split(j, k - 1)[0]), [j, *split(j, k - 1)[1]])
-                                for j in range(i + 1, len(ws) - k + 2)), key=lambda x: x[0])
+            options = []
+            for j in range(i + 1, len(ws) - k + 2):
+                widest, cuts = split(j, k - 1)
+                options.append((max(sum(ws[i:j]), widest), [j, *cuts]))
+            best[(i, k)] = min(options, key=lambda x: x[0])
         return best[(i, k)]
 
     cuts = [0, *split(0, count)[1], len(rest)]

@@ -196,9 +196,8 @@ def plateau(values: Sequence[float], acc: Sequence[float], tolerance: float = 1.
             common = sorted(set(orders) & set(top), key=str)
             if len(common) < 2:
                 continue
-            d = [orders[k] - top[k] for k in common]
-            se = statistics.stdev(d) / math.sqrt(len(d))
-            if abs(statistics.fmean(d)) <= 2 * se or v == values[list(acc).index(best)]:
+            d = [orders[k] - top[k] for k in common]      # all zero for the best value itself
+            if abs(statistics.fmean(d)) <= 2 * statistics.stdev(d) / math.sqrt(len(d)):
                 near.append(v)
         out["within_noise"] = near
         out["evidence"] += (f"; paired over the orders, {len(near)} of {len(values)} values are within two "

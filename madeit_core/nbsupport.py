@@ -286,10 +286,8 @@ def soft_breaks(html_text: str) -> str:
             if tag and tag.group(1).lower() in ("td", "th"):
                 depth += -1 if part.startswith("</") else 1
             out.append(part)
-        elif depth > 0:
-            out.append(re.sub(SOFT_BREAK, r"\1<wbr>", part))
         else:
-            out.append(part)
+            out.append(SOFT_BREAK.sub(r"\1<wbr>", part) if depth > 0 else part)
     return "".join(out)
 
 

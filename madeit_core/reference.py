@@ -220,20 +220,21 @@ def grid_status(manifest: Mapping[str, Any] | None, jobs: Sequence[Job], profile
     def size(group: str) -> int | None:
         if tasks_per_group is not None:
             return tasks_per_group.get(group)
-        import madeit_core.data.suites  # noqa: F401  (registers the offline task groups)
-
         try:
             return len(group_tasks(group))
         except MergeInputError:
             return None
 
+    import madeit_core.data.suites  # noqa: F401  (registers the offline task groups)
+
+    sizes = {g: size(g) for g in {r["group"] for r in out}}
     for row in out:
         row["extrapolated_s"] = None
-        t = size(row["group"])
+        t = sizes[row["group"]]
         if row["median_wall_s"] is not None or t is None:
             continue
-        known = [(abs(size(o["group"]) - t), size(o["group"]), o["median_wall_s"]) for o in out
-                 if o["label"] == row["label"] and o["median_wall_s"] is not None and size(o["group"])]
+        known = [(abs(sizes[o["group"]] - t), sizes[o["group"]], o["median_wall_s"]) for o in out
+                 if o["label"] == row["label"] and o["median_wall_s"] is not None and sizes[o["group"]]]
         if known:
             _, t0, med = min(known)
             unit = cost_units(row["method"], t) / cost_units(row["method"], t0)
