@@ -107,6 +107,12 @@ class ResultsStore:
         f = analysis_path(self.root, self.profile, name)
         return read_json(f)["value"] if f.is_file() else None
 
+    def record(self, name: str) -> dict[str, Any] | None:
+        """A results file kept aside from the grid (``<root>/<profile>/_records/<name>.json``), e.g.
+        a run of an earlier code path kept to compare with; None when absent."""
+        f = self.root / self.profile / "_records" / f"{name}.json"
+        return dict(read_json(f)) if f.is_file() else None
+
 
 def backbone_of(results: Sequence[Mapping[str, Any]], default: str = "unknown backbone") -> str:
     for r in results:

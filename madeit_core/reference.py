@@ -188,7 +188,8 @@ def run_key(group: str, run: MethodRun, r: int, profile: str) -> str:
 
 
 def grid_status(manifest: Mapping[str, Any] | None, jobs: Sequence[Job], profile: str,
-                tasks_per_group: Mapping[str, int] | None = None) -> list[dict[str, Any]]:
+                tasks_per_group: Mapping[str, int] | None = None,
+                folder: str | os.PathLike[str] | None = None) -> list[dict[str, Any]]:
     """Per planned (group, row): orders recorded in ``manifest`` of those planned, the median wall
     time of a recorded run, and the time the missing ones would take at that median (None when
     no run of the row has finished). The plan is ``jobs`` (e.g. :func:`reference_jobs`).
@@ -196,7 +197,9 @@ def grid_status(manifest: Mapping[str, Any] | None, jobs: Sequence[Job], profile
     A row with no finished run on its group gets ``extrapolated_s``: the same row's median on the
     group with the nearest number of tasks, scaled by :func:`cost_units` from that number of tasks
     to this one, times the missing runs: a rough guess, None when no group has a finished run.
-    ``tasks_per_group`` defaults to the task groups' sizes."""
+    ``tasks_per_group`` defaults to the task groups' sizes. With ``folder`` (the manifest's own), a
+    run counts only while its results file is there (one moved aside or deleted to be re-run is not
+    done, whatever the manifest still says)."""
     runs = (manifest or {}).get("runs", {})
     rows: dict[tuple[str, str], dict[str, Any]] = {}
     for j in jobs:
@@ -206,7 +209,7 @@ def grid_status(manifest: Mapping[str, Any] | None, jobs: Sequence[Job], profile
             for r in runs_for_seeds(j.seeds):
                 key = run_key(j.group, run, r, profile)
                 row["planned"] += 1
-                if key in runs:
+                if key in runs and (folder is None or (Path(folder) / key).is_file()):
                     row["done"] += 1
                     row["walls"].append(float(runs[key]["wall_s"]))
     out = []

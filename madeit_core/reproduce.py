@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from madeit_core.benchmark import Benchmark
+from madeit_core.errors import MergeInputError
 from madeit_core.protocol import RunSpec, run_continual
 
 log = logging.getLogger(__name__)
@@ -157,3 +158,22 @@ def routing_per_task(results: Sequence[Mapping[str, Any]]) -> dict[str, float]:
             if v is not None:
                 acc.setdefault(t, []).append(100 * v)
     return {t: statistics.fmean(v) for t, v in acc.items()}
+
+
+def run_difference(a: Mapping[str, Any], b: Mapping[str, Any]) -> dict[str, Any]:
+    """How results file ``b`` differs from ``a``, two runs of one method on one group and order
+    (e.g. the same maths in two memory layouts): ACC, BWT and each task's final accuracy as
+    ``(a, b, b − a)`` in points, the largest per-task change, how many tasks changed, and the
+    hyper-parameters that differ (``{name: (a's, b's)}``, None where one run lacks it)."""
+    for k in ("method", "group", "order"):
+        if a.get(k) != b.get(k):
+            raise MergeInputError(f"run_difference: the two runs differ in {k!r} ({a.get(k)!r} against "
+                                  f"{b.get(k)!r}); compare runs of one method, group and order")
+    final = [(t, 100 * x, 100 * y, 100 * (y - x)) for t, x, y in zip(a["order"], a["a_Ti"], b["a_Ti"])]
+    ha, hb = a.get("hparams") or {}, b.get("hparams") or {}
+    return {"ACC": (a["ACC"], b["ACC"], b["ACC"] - a["ACC"]),
+            "BWT": (a["BWT"], b["BWT"], b["BWT"] - a["BWT"]),
+            "final": final,
+            "max_abs_final": max(abs(d) for *_, d in final),
+            "tasks_changed": sum(1 for *_, d in final if d != 0),
+            "hparams": {k: (ha.get(k), hb.get(k)) for k in sorted({*ha, *hb}) if ha.get(k) != hb.get(k)}}

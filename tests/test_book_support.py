@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -292,6 +293,11 @@ def test_run_reference_on_the_toy_benchmark(tmp_path: Path, monkeypatch: pytest.
     assert [r["label"] for r in got] == ["Average (SWA)", "MADE-IT"]
     assert ref.bank_layout("toy-3", bookplan.made_it_variant(), 42) is not None
     assert ref.analysis("pairwise-toy-3-rho0.1")["tasks"] == ["toy0", "toy1", "toy2"]
+    assert ref.record("odem-toy-3-seed42-contiguous") is None      # runs kept aside from the grid
+    rec = tmp_path / "smoke" / "_records" / "odem-toy-3-seed42-contiguous.json"
+    rec.parent.mkdir()
+    rec.write_text(json.dumps({"method": "odem", "ACC": 1.0}))
+    assert ref.record("odem-toy-3-seed42-contiguous") == {"method": "odem", "ACC": 1.0}
     # resuming runs nothing again
     m2 = run_reference(params, tmp_path, notebooks, show_progress=False, command=["test"])
     assert m2["runs"] == m["runs"]
@@ -464,6 +470,13 @@ def test_grid_status_counts_orders_medians_and_time_left() -> None:
     assert "2 of 6 protocol runs recorded; the rest would take about 20 s" in md
     assert "1 group rows with no finished run anywhere are not counted" in md
     assert grid_status(None, jobs, "offline")[0]["done"] == 0
+    # given the manifest's folder, a run counts only while its results file is there
+    with tempfile.TemporaryDirectory() as d:
+        kept = Path(d) / run_key("g8", swa, 2, "offline")
+        kept.parent.mkdir(parents=True)
+        kept.write_text("{}")
+        on_disk = {r["label"]: r for r in grid_status(manifest, jobs, "offline", folder=d)}
+    assert on_disk["Average (SWA)"]["done"] == 1 and on_disk["Average (SWA)"]["median_wall_s"] == 30.0
     # a row finished on one group only: its other groups' time is extrapolated in the number of tasks
     jobs2 = [*jobs, bookplan.Job("g20", (swa,), (42, 43, 44)), bookplan.Job("g14", (swa,), (42, 43, 44))]
     rows2 = grid_status(manifest, jobs2, "offline", tasks_per_group={"g8": 8, "g14": 14, "g20": 20})

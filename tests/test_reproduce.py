@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 
 from madeit_core.analysis import allocation_matrix, experts_by_group, pairwise_scores, task_experts
+from madeit_core.errors import MergeInputError
 from madeit_core.experts import ExpertBank
-from madeit_core.reproduce import MethodRun, load_results, per_task_means, run_grid, summary_rows
+from madeit_core.reproduce import MethodRun, load_results, per_task_means, run_difference, run_grid, summary_rows
 from madeit_core.toy import ToyBenchmark
 
 
@@ -103,3 +104,19 @@ def test_wide_grids_fit_the_page(tmp_path: Path) -> None:
         fig.savefig(tmp_path / f"{name}.png", dpi=110, bbox_inches="tight")
         width = Image.open(tmp_path / f"{name}.png").size[0]
         assert width <= 110 * plots.PAGE_WIDTH_IN * 1.1, (name, width)
+
+
+def test_run_difference_compares_one_order_of_one_method() -> None:
+    a = {"method": "odem", "group": "g", "order": ["x", "y", "z"], "a_Ti": [0.5, 0.25, 0.75], "ACC": 50.0,
+         "BWT": -2.0, "hparams": {"step_size": 0.01}}
+    b = {**a, "a_Ti": [0.5, 0.2, 0.8], "ACC": 50.0, "BWT": -1.5,
+         "hparams": {"step_size": 0.01, "memory_format": "channels_last"}}
+    d = run_difference(a, b)
+    assert [t for t, *_ in d["final"]] == ["x", "y", "z"]
+    assert d["final"][1] == pytest.approx(("y", 25.0, 20.0, -5.0))
+    assert d["tasks_changed"] == 2 and d["max_abs_final"] == pytest.approx(5.0)
+    assert d["BWT"] == pytest.approx((-2.0, -1.5, 0.5)) and d["ACC"][2] == pytest.approx(0.0)
+    assert d["hparams"] == {"memory_format": (None, "channels_last")}
+    assert run_difference(a, a)["tasks_changed"] == 0 and run_difference(a, a)["hparams"] == {}
+    with pytest.raises(MergeInputError, match="'order'"):
+        run_difference(a, {**b, "order": ["y", "x", "z"]})
