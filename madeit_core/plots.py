@@ -22,6 +22,16 @@ from matplotlib.figure import Figure  # noqa: E402
 PAGE_WIDTH_IN = 6.3
 
 
+def expert_colours(n: int) -> matplotlib.colors.ListedColormap:
+    """``n`` distinct colours for expert indices: tab20's 20, then tab20b's and tab20c's (60 in
+    all, where ``get_cmap("tab20", n)`` would repeat its 20), then evenly spaced hues of turbo."""
+    n = max(int(n), 1)
+    if n > 60:
+        return matplotlib.colors.ListedColormap(plt.get_cmap("turbo")(np.linspace(0, 1, n)))
+    pool = [c for name in ("tab20", "tab20b", "tab20c") for c in plt.get_cmap(name).colors]
+    return matplotlib.colors.ListedColormap(pool[:n])
+
+
 def allocation_figure(module_keys: Sequence[str], tasks: Sequence[str], rows: Sequence[Sequence[int]],
                       title: str = "", max_modules: int | None = None) -> Figure:
     """Fig. 2/7: module × task grid, colour = expert index (renumbered by first use per module)."""
@@ -30,7 +40,7 @@ def allocation_figure(module_keys: Sequence[str], tasks: Sequence[str], rows: Se
         idx = np.linspace(0, len(keys) - 1, max_modules).round().astype(int)
         keys, data = [keys[i] for i in idx], data[idx]
     fig, ax = plt.subplots(figsize=(min(0.35 * len(tasks) + 3.5, PAGE_WIDTH_IN), 0.18 * len(keys) + 1.5))
-    cmap = plt.get_cmap("tab20", max(int(data.max()) + 1, 1))
+    cmap = expert_colours(int(data.max()) + 1)
     ax.imshow(data, aspect="auto", cmap=cmap, interpolation="nearest", vmin=-0.5, vmax=int(data.max()) + 0.5)
     ax.set_xticks(range(len(tasks)), tasks, rotation=90, fontsize=7)
     ax.set_yticks(range(len(keys)), [k.removesuffix(".weight") for k in keys], fontsize=6)

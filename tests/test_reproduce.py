@@ -120,3 +120,17 @@ def test_run_difference_compares_one_order_of_one_method() -> None:
     assert run_difference(a, a)["tasks_changed"] == 0 and run_difference(a, a)["hparams"] == {}
     with pytest.raises(MergeInputError, match="'order'"):
         run_difference(a, {**b, "order": ["y", "x", "z"]})
+
+
+def test_expert_colours_stay_distinct_past_twenty() -> None:
+    """Fig. 2's grid colours expert indices; ``get_cmap("tab20", n)`` repeats its 20 colours."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from madeit_core import plots
+
+    assert len({tuple(c) for c in plt.get_cmap("tab20", 25)(np.arange(25))}) == 20     # the old map
+    for n in (1, 7, 20, 25, 60, 90):
+        colours = plots.expert_colours(n)(np.arange(n))
+        assert len({tuple(np.round(c, 6)) for c in colours}) == n, n
+    assert tuple(plots.expert_colours(25)(0)) == tuple(plt.get_cmap("tab20")(0))       # same look up to 20
