@@ -163,17 +163,20 @@ def routing_per_task(results: Sequence[Mapping[str, Any]]) -> dict[str, float]:
 def run_difference(a: Mapping[str, Any], b: Mapping[str, Any]) -> dict[str, Any]:
     """How results file ``b`` differs from ``a``, two runs of one method on one group and order
     (e.g. the same maths in two memory layouts): ACC, BWT and each task's final accuracy as
-    ``(a, b, b − a)`` in points, the largest per-task change, how many tasks changed, and the
-    hyper-parameters that differ (``{name: (a's, b's)}``, None where one run lacks it)."""
+    ``(a, b, b − a)`` in points, the largest per-task change, how many tasks changed, the
+    hyper-parameters that differ (``{name: (a's, b's)}``, None where one run lacks it) and the
+    recorded merge times ``(a, b, b / a)`` in seconds (None unless both runs recorded one)."""
     for k in ("method", "group", "order"):
         if a.get(k) != b.get(k):
             raise MergeInputError(f"run_difference: the two runs differ in {k!r} ({a.get(k)!r} against "
                                   f"{b.get(k)!r}); compare runs of one method, group and order")
     final = [(t, 100 * x, 100 * y, 100 * (y - x)) for t, x, y in zip(a["order"], a["a_Ti"], b["a_Ti"])]
     ha, hb = a.get("hparams") or {}, b.get("hparams") or {}
+    ta, tb = ((r.get("timings") or {}).get("absorb_s") for r in (a, b))
     return {"ACC": (a["ACC"], b["ACC"], b["ACC"] - a["ACC"]),
             "BWT": (a["BWT"], b["BWT"], b["BWT"] - a["BWT"]),
             "final": final,
             "max_abs_final": max(abs(d) for *_, d in final),
             "tasks_changed": sum(1 for *_, d in final if d != 0),
-            "hparams": {k: (ha.get(k), hb.get(k)) for k in sorted({*ha, *hb}) if ha.get(k) != hb.get(k)}}
+            "hparams": {k: (ha.get(k), hb.get(k)) for k in sorted({*ha, *hb}) if ha.get(k) != hb.get(k)},
+            "absorb_s": (ta, tb, tb / ta) if ta and tb else None}

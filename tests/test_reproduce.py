@@ -116,7 +116,9 @@ def test_run_difference_compares_one_order_of_one_method() -> None:
     assert d["final"][1] == pytest.approx(("y", 25.0, 20.0, -5.0))
     assert d["tasks_changed"] == 2 and d["max_abs_final"] == pytest.approx(5.0)
     assert d["BWT"] == pytest.approx((-2.0, -1.5, 0.5)) and d["ACC"][2] == pytest.approx(0.0)
-    assert d["hparams"] == {"memory_format": (None, "channels_last")}
+    assert d["hparams"] == {"memory_format": (None, "channels_last")} and d["absorb_s"] is None
+    timed = run_difference({**a, "timings": {"absorb_s": 200.0}}, {**b, "timings": {"absorb_s": 150.0}})
+    assert timed["absorb_s"] == pytest.approx((200.0, 150.0, 0.75))
     assert run_difference(a, a)["tasks_changed"] == 0 and run_difference(a, a)["hparams"] == {}
     with pytest.raises(MergeInputError, match="'order'"):
         run_difference(a, {**b, "order": ["y", "x", "z"]})
