@@ -201,6 +201,7 @@ def grid_status(manifest: Mapping[str, Any] | None, jobs: Sequence[Job], profile
     run counts only while its results file is there (one moved aside or deleted to be re-run is not
     done, whatever the manifest still says)."""
     runs = (manifest or {}).get("runs", {})
+    base = Path(folder) if folder is not None else None
     rows: dict[tuple[str, str], dict[str, Any]] = {}
     for j in jobs:
         for run in j.runs:
@@ -209,7 +210,7 @@ def grid_status(manifest: Mapping[str, Any] | None, jobs: Sequence[Job], profile
             for r in runs_for_seeds(j.seeds):
                 key = run_key(j.group, run, r, profile)
                 row["planned"] += 1
-                if key in runs and (folder is None or (Path(folder) / key).is_file()):
+                if key in runs and (base is None or (base / key).is_file()):
                     row["done"] += 1
                     row["walls"].append(float(runs[key]["wall_s"]))
     out = []
