@@ -24,7 +24,8 @@ Step 1: θ ← θ_1. Step k ≥ 2, with θ_new the new fine-tuned model:
    *post-refinement*: 80 AdamW(1e-6) steps on the mean
    per-task CE of shuffled batches of 128 plus 1e-3‖θ − θ_a‖²/‖θ_a‖², gradient clipping 1.0,
    projection onto ‖θ − θ_a‖ ≤ 1e-3‖θ_a‖ (norm of all weights [ref]), returning the best
-   snapshot whose probe losses all stay within 0.02 of their start.
+   snapshot whose probe losses all stay within 0.02 of their start. The gradient is accumulated
+   one task at a time (``post_refine_backward``; same bits as one joint graph, bounded memory).
 
 **QP** (``qp_mode``): the reference solves each active set with a 1e-6 ridge and an absolute
 1e-6 feasibility tolerance and, when no candidate survives, drops *every* constraint (λ = 0);
@@ -72,6 +73,15 @@ EPS = 1e-12
 #: a forward+backward of EfficientNet-Lite0 at 64 px, batch 128, one thread, takes 1.3 s in channels_last
 #: against 2.2 s, and ODE-M is such passes almost throughout (one offline-8 merge step: 108 s against 175 s).
 MEMORY_FORMATS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
+#: ``post_refine_backward`` choices: how a refinement step's gradient is built. ``"joint"`` builds one
+#: autograd graph over a batch of every seen task and calls ``backward`` once, so its memory grows
+#: with the number of tasks (about 12.6 GB on offline-14 at 64 px); ``"per_task"`` (default) calls
+#: ``backward`` on the anchor term and then on ℓ_j/T one task at a time, newest first, so only one
+#: task's activations are alive. Same gradient, same bits: the joint backward runs the anchor branch
+#: first and the task branches newest first (autograd's sequence-number order), and adds their
+#: contributions in that order, which is the order ``per_task`` accumulates ``.grad`` in
+#: (checked bit for bit in ``tests/test_odem.py``).
+REFINE_BACKWARDS = ("per_task", "joint")
 
 
 # ----------------------------------------------------------------------------- pieces
@@ -194,7 +204,7 @@ class ODEMerging(ContinualMethod):
                  post_refine_steps: int = 80, post_refine_lr: float = 1e-6, post_refine_anchor: float = 1e-3,
                  post_refine_radius: float = 1e-3, post_refine_task_tol: float = 0.02,
                  post_refine_grad_clip: float = 1.0, post_refine_probe_batches: int = 4885,
-                 memory_format: str = "channels_last") -> None:
+                 post_refine_backward: str = "per_task", memory_format: str = "channels_last") -> None:
         super().__init__()
         self.hp: dict[str, Any] = dict(locals())
         del self.hp["self"]
@@ -203,6 +213,9 @@ class ODEMerging(ContinualMethod):
             raise MergeInputError(f"odem: qp_mode must be 'exact' or 'reference', got {qp_mode!r}")
         if memory_format not in MEMORY_FORMATS:
             raise MergeInputError(f"odem: memory_format must be one of {sorted(MEMORY_FORMATS)}, got {memory_format!r}")
+        if post_refine_backward not in REFINE_BACKWARDS:
+            raise MergeInputError(f"odem: post_refine_backward must be one of {REFINE_BACKWARDS}, "
+                                  f"got {post_refine_backward!r}")
         if stop_at not in ("grid", "exact"):
             raise MergeInputError(f"odem: stop_at must be 'grid' or 'exact', got {stop_at!r}")
         if num_samples < 1 or batch_size < 1:
@@ -526,14 +539,8 @@ class ODEMerging(ContinualMethod):
         for _ in tqdm(range(hp["post_refine_steps"]), desc="odem refine", disable=not self.ctx.show_progress,
                       leave=False):
             opt.zero_grad(set_to_none=True)
-            loss = torch.zeros((), device=self.ctx.device)
-            for j in tasks:
-                x, y = self.calib[j]
-                idx = next(loaders[j]).to(x.device)
-                loss = loss + F.cross_entropy(self._head(j)(self.model(self._layout(x[idx]))).float(), y[idx])
-            loss = loss / len(tasks)
-            anc = sum(((p - a) ** 2).sum() for p, a in zip(params, anchor, strict=True))
-            (loss + hp["post_refine_anchor"] * anc / max(a_norm ** 2, EPS)).backward()
+            idxs = {j: next(loaders[j]).to(self.calib[j][0].device) for j in tasks}   # draws in task order
+            self._refine_backward(params, anchor, a_norm, tasks, idxs)
             if hp["post_refine_grad_clip"] > 0:
                 torch.nn.utils.clip_grad_norm_(params, hp["post_refine_grad_clip"])
             opt.step()
@@ -558,6 +565,27 @@ class ODEMerging(ContinualMethod):
         for j in tasks:
             record_data(self.data_used, step=len(tasks), task=j, split="train",
                         count=int(self.calib[j][0].shape[0]), labelled=True, purpose="post-refinement")
+
+    def _task_loss(self, j: str, idx: torch.Tensor) -> torch.Tensor:
+        x, y = self.calib[j]
+        return F.cross_entropy(self._head(j)(self.model(self._layout(x[idx]))).float(), y[idx])
+
+    def _refine_backward(self, params: Vec, anchor: Vec, a_norm: float, tasks: list[str],
+                         idxs: dict[str, torch.Tensor]) -> None:
+        """Gradient of mean_j ℓ_j + c‖θ − θ_a‖²/‖θ_a‖² into ``p.grad`` (see :data:`REFINE_BACKWARDS`)."""
+        w, a2 = self.hp["post_refine_anchor"], max(a_norm ** 2, EPS)
+        if self.hp["post_refine_backward"] == "joint":
+            loss = torch.zeros((), device=self.ctx.device)
+            for j in tasks:
+                loss = loss + self._task_loss(j, idxs[j])
+            loss = loss / len(tasks)
+            anc = sum(((p - a) ** 2).sum() for p, a in zip(params, anchor, strict=True))
+            (loss + w * anc / a2).backward()
+            return
+        anc = sum(((p - a) ** 2).sum() for p, a in zip(params, anchor, strict=True))
+        (w * anc / a2).backward()
+        for j in reversed(tasks):
+            (self._task_loss(j, idxs[j]) / len(tasks)).backward()
 
     # ------------------------------------------------------------------ model and state
     def merged_model(self) -> nn.Module:
