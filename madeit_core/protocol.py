@@ -283,11 +283,14 @@ def run_continual(spec: RunSpec, bench: Benchmark, out_dir: str | os.PathLike[st
     acc: list[list[float | None]] = [[None] * T for _ in range(T)]
     steps: list[dict[str, Any]] = []
     start = 0
+    elapsed_before = 0.0    # wall time of earlier processes of this run, up to their last saved step
     if resume and partial is not None and partial.is_file() and state_file is not None and state_file.is_file():
         saved = read_json(partial)
         if saved.get("key") == key:
             method.restore(load_tensors(state_file), saved["method_state"])
             acc, steps, start = saved["acc_matrix"], saved["steps"], saved["completed_steps"]
+            # files saved before ``elapsed_s`` existed: the steps' own timings are the best record
+            elapsed_before = float(saved.get("elapsed_s", sum(s["absorb_s"] + s["eval_s"] for s in steps)))
             log.info("resuming %s at step %d/%d from %s", spec.method, start, T, partial)
         else:
             log.warning("ignoring %s: it belongs to another configuration", partial)
@@ -316,7 +319,8 @@ def run_continual(spec: RunSpec, bench: Benchmark, out_dir: str | os.PathLike[st
             tensors, meta = method.state()
             save_tensors(state_file, tensors)
             write_json(partial, {"key": key, "completed_steps": i + 1, "acc_matrix": acc, "steps": steps,
-                                 "method_state": meta})
+                                 "method_state": meta,
+                                 "elapsed_s": elapsed_before + time.perf_counter() - t_run})
         if stop_after is not None and i + 1 >= stop_after and i + 1 < T:
             return {"interrupted": True, "completed_steps": i + 1}
 
@@ -343,6 +347,7 @@ def run_continual(spec: RunSpec, bench: Benchmark, out_dir: str | os.PathLike[st
         "steps": steps,
         "timings": {"absorb_s": sum(s["absorb_s"] for s in steps), "eval_s": sum(s["eval_s"] for s in steps),
                     "final_eval_s": t_final, "wall_s_this_process": time.perf_counter() - t_run,
+                    "wall_s_all_processes": elapsed_before + time.perf_counter() - t_run, "resumed_at_step": start,
                     "eval_cache_hits_this_process": (cache.hits - hits0) if cache is not None else 0},
         "benchmark": bench_desc, "key": key,
         "manifest": {"library_version": madeit_core.__version__, "git_commit": git_commit(),

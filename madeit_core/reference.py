@@ -129,10 +129,27 @@ def save_manifest(folder: Path, manifest: dict[str, Any], mine: Mapping[str, Map
                     if item not in merged:
                         merged.append(item)
                 manifest[part] = merged
-        manifest["wall_s_runs_total"] = round(sum(v["wall_s"] for v in manifest["runs"].values()), 3)
+        manifest["wall_s_runs_total"] = round(sum(entry_wall_s(v) for v in manifest["runs"].values()), 3)
         manifest["updated_utc"] = _utc()
         write_json(f, manifest)
     return manifest
+
+
+def run_wall_s(results: Mapping[str, Any], wall_this_invocation: float) -> float:
+    """A run's wall time over every process that worked on it: a run killed and resumed records
+    the earlier processes' time up to their last saved step (``timings.wall_s_all_processes``);
+    results files from before that field fall back to the sum of their step timings, and never
+    less than this invocation's own wall time."""
+    t = results.get("timings", {})
+    if "wall_s_all_processes" in t:
+        return max(float(t["wall_s_all_processes"]), wall_this_invocation)
+    steps = sum(float(t.get(k, 0.0)) for k in ("absorb_s", "eval_s", "final_eval_s"))
+    return max(steps, wall_this_invocation)
+
+
+def entry_wall_s(entry: Mapping[str, Any]) -> float:
+    """A manifest run entry's wall time over all its processes (``wall_s`` for older entries)."""
+    return float(entry.get("wall_s_all_processes", entry["wall_s"]))
 
 
 def _disk_runs(folder: Path) -> dict[str, Any]:
@@ -212,7 +229,7 @@ def grid_status(manifest: Mapping[str, Any] | None, jobs: Sequence[Job], profile
                 row["planned"] += 1
                 if key in runs and (base is None or (base / key).is_file()):
                     row["done"] += 1
-                    row["walls"].append(float(runs[key]["wall_s"]))
+                    row["walls"].append(entry_wall_s(runs[key]))
     out = []
     for row in rows.values():
         walls = row.pop("walls")
@@ -284,14 +301,21 @@ def grid_status_markdown(rows: Sequence[Mapping[str, Any]]) -> str:
     unknown = [r for r in rows if r["median_wall_s"] is None]
     guessed = [r["extrapolated_s"] for r in unknown if r.get("extrapolated_s") is not None]
     tail = ""
+    def rows_(n: int) -> str:
+        return f"{n} group row{'s' if n != 1 else ''}"
+
     if guessed:
-        tail += (f"; {len(guessed)} group rows with no finished run yet would add roughly {fmt_s(sum(guessed))} "
+        tail += (f"; {rows_(len(guessed))} with no finished run yet would add roughly {fmt_s(sum(guessed))} "
                  "(the same row's median on the group with the nearest number of tasks, scaled to this one's: by "
                  "the number of Euler steps for ODE-M, by the number of tasks otherwise)")
     if len(unknown) > len(guessed):
-        tail += f"; {len(unknown) - len(guessed)} group rows with no finished run anywhere are not counted"
-    return ("\n".join(lines) + f"\n\nCells: orders done / planned · median wall time of a finished run. {done} of "
-            f"{planned} protocol runs recorded; the rest would take about {fmt_s(known)} at the recorded pace{tail}.\n")
+        n = len(unknown) - len(guessed)
+        tail += f"; {rows_(n)} with no finished run anywhere {'are' if n != 1 else 'is'} not counted"
+    rest = (f"the rest would take about {fmt_s(known)} at the recorded pace" if known > 0 else
+            "the rows with finished runs are complete")
+    return ("\n".join(lines) + "\n\nCells: orders done / planned · median wall time of a finished run (all its "
+            f"processes, for a run that was killed and resumed). {done} of {planned} protocol runs recorded; "
+            f"{rest}{tail}.\n")
 
 def analysis_status(manifest: Mapping[str, Any] | None, groups: Sequence[str]) -> dict[str, bool]:
     """Planned analysis (the pairwise scores of Figs. 4-5 per group, at MADE-IT's default rank
@@ -413,7 +437,9 @@ def run_reference(params: Mapping[str, Any], out: str | os.PathLike[str], notebo
             t0 = time.perf_counter()
             res = run_grid(b, j.group, tasks, [run], [r], out, params["profile"], device=device,
                            eval_seen=j.eval_seen, show_progress=show_progress)[0]
-            mine["runs"][key] = {"label": run.label, "wall_s": round(time.perf_counter() - t0, 3),
+            wall = time.perf_counter() - t0
+            mine["runs"][key] = {"label": run.label, "wall_s": round(wall, 3),
+                                 "wall_s_all_processes": round(run_wall_s(res, wall), 3),
                                  "ACC": res["ACC"], "BWT": res["BWT"], "library_hash": lib,
                                  "existed_before": existed, "finished_utc": _utc()}
             manifest = save_manifest(folder, manifest, mine)
@@ -440,6 +466,6 @@ def run_reference(params: Mapping[str, Any], out: str | os.PathLike[str], notebo
 
 
 __all__ = ["COST_TIERS", "MANIFEST_FORMAT", "analysis_status", "analysis_status_markdown", "check_zoo", "claim_run",
-           "cost_units", "grid_status",
+           "cost_units", "entry_wall_s", "grid_status",
            "grid_status_markdown", "load_manifest", "reference_jobs", "run_key", "run_order", "run_reference",
-           "save_manifest"]
+           "run_wall_s", "save_manifest"]

@@ -447,6 +447,8 @@ def test_run_reference_skips_a_run_another_process_claimed(tmp_path: Path) -> No
     held.write_text(f"{socket.gethostname()} {os.getppid()}")
     m = run_reference(params, tmp_path, ["table1_acc_bwt"], show_progress=False, analysis=False)
     assert "toy-3/swa/seed42.json" in m["runs"] and "toy-3/ties/seed42.json" not in m["runs"]
+    entry = m["runs"]["toy-3/swa/seed42.json"]
+    assert entry["wall_s_all_processes"] >= entry["wall_s"] > 0
     assert not (tmp_path / "smoke" / "toy-3" / "ties" / "seed42.json").exists()
     assert held.exists() and not (tmp_path / "smoke" / "toy-3" / "swa" / "seed42.claim").exists()
 
@@ -468,7 +470,7 @@ def test_grid_status_counts_orders_medians_and_time_left() -> None:
     md = grid_status_markdown(list(rows.values()))
     assert "| row | g8 |" in md and "| Average (SWA) | 2/3 · 20 s |" in md and "| cosine | 0/3 |" in md
     assert "2 of 6 protocol runs recorded; the rest would take about 20 s" in md
-    assert "1 group rows with no finished run anywhere are not counted" in md
+    assert "1 group row with no finished run anywhere is not counted" in md
     assert grid_status(None, jobs, "offline")[0]["done"] == 0
     # given the manifest's folder, a run counts only while its results file is there
     with tempfile.TemporaryDirectory() as d:
@@ -494,7 +496,25 @@ def test_grid_status_counts_orders_medians_and_time_left() -> None:
     m3 = {"runs": {run_key("g8", odem, 0, "offline"): {"wall_s": 170.0}}}
     rows3 = {r["group"]: r for r in grid_status(m3, jobs3, "offline", tasks_per_group={"g8": 8, "g20": 20})}
     assert rows3["g20"]["extrapolated_s"] == pytest.approx(254.0 * 2)
-    assert "1 group rows with no finished run anywhere are not counted" in md2
+    assert "1 group row with no finished run anywhere is not counted" in md2
+    # a resumed run counts all its processes' time; a complete row leaves nothing "at the recorded pace"
+    m4 = {"runs": {run_key("g8", swa, r, "offline"): {"wall_s": 5.0, "wall_s_all_processes": 50.0 + r}
+                   for r in range(3)}}
+    rows4 = [r for r in grid_status(m4, jobs, "offline") if r["label"] == "Average (SWA)"]
+    assert rows4[0]["median_wall_s"] == 51.0 and rows4[0]["missing_s"] == 0.0
+    md4 = grid_status_markdown(rows4)
+    assert "3 of 3 protocol runs recorded; the rows with finished runs are complete." in md4
+    assert "about 0 s" not in md4
+
+
+def test_run_wall_time_counts_earlier_processes() -> None:
+    from madeit_core.reference import entry_wall_s, run_wall_s
+
+    assert run_wall_s({"timings": {"wall_s_all_processes": 70.0}}, 20.0) == 70.0
+    # results from before the field: the sum of the step timings, never less than this invocation
+    old = {"timings": {"absorb_s": 40.0, "eval_s": 25.0, "final_eval_s": 5.0, "wall_s_this_process": 20.0}}
+    assert run_wall_s(old, 20.0) == 70.0 and run_wall_s(old, 90.0) == 90.0
+    assert entry_wall_s({"wall_s": 3.0}) == 3.0 and entry_wall_s({"wall_s": 3.0, "wall_s_all_processes": 9.0}) == 9.0
 
 
 def test_analysis_status_names_each_groups_pairwise_scores() -> None:

@@ -67,8 +67,15 @@ def test_run_writes_results_and_resumes_identically(bench: ToyBenchmark, tmp_pat
     out = tmp_path / "b"
     part = run_continual(spec, bench, out, show_progress=False, stop_after=1)
     assert part == {"interrupted": True, "completed_steps": 1}
-    assert (out / "test" / "toy" / "swa" / "seed42.partial.json").is_file()
+    partial = out / "test" / "toy" / "swa" / "seed42.partial.json"
+    elapsed = json.loads(partial.read_text())["elapsed_s"]
+    assert elapsed > 0
     resumed = run_continual(spec, bench, out, show_progress=False)
+    # the wall time counts the killed process's time up to its last saved step
+    t, t_full = resumed["timings"], full["timings"]
+    assert t["resumed_at_step"] == 1 and t_full["resumed_at_step"] == 0
+    assert t["wall_s_all_processes"] == pytest.approx(elapsed + t["wall_s_this_process"], abs=1e-3)
+    assert t_full["wall_s_all_processes"] == pytest.approx(t_full["wall_s_this_process"], abs=1e-3)
     assert resumed["acc_matrix"] == full["acc_matrix"]
     assert resumed["ACC"] == full["ACC"] and resumed["BWT"] == full["BWT"]
     assert not (out / "test" / "toy" / "swa" / "seed42.partial.json").exists()
