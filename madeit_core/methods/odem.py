@@ -570,6 +570,11 @@ class ODEMerging(ContinualMethod):
         x, y = self.calib[j]
         return F.cross_entropy(self._head(j)(self.model(self._layout(x[idx]))).float(), y[idx])
 
+    @staticmethod
+    def _anchor_term(params: Vec, anchor: Vec, w: float, a2: float) -> torch.Tensor:
+        """w‖θ − θ_a‖²/‖θ_a‖² (``a2`` = ‖θ_a‖²)."""
+        return w * sum(((p - a) ** 2).sum() for p, a in zip(params, anchor, strict=True)) / a2
+
     def _refine_backward(self, params: Vec, anchor: Vec, a_norm: float, tasks: list[str],
                          idxs: dict[str, torch.Tensor]) -> None:
         """Gradient of mean_j ℓ_j + c‖θ − θ_a‖²/‖θ_a‖² into ``p.grad`` (see :data:`REFINE_BACKWARDS`)."""
@@ -578,12 +583,10 @@ class ODEMerging(ContinualMethod):
             loss = torch.zeros((), device=self.ctx.device)
             for j in tasks:
                 loss = loss + self._task_loss(j, idxs[j])
-            loss = loss / len(tasks)
-            anc = sum(((p - a) ** 2).sum() for p, a in zip(params, anchor, strict=True))
-            (loss + w * anc / a2).backward()
+            # the anchor term is built after the task losses, as before the option: autograd then runs it first
+            (loss / len(tasks) + self._anchor_term(params, anchor, w, a2)).backward()
             return
-        anc = sum(((p - a) ** 2).sum() for p, a in zip(params, anchor, strict=True))
-        (w * anc / a2).backward()
+        self._anchor_term(params, anchor, w, a2).backward()
         for j in reversed(tasks):
             (self._task_loss(j, idxs[j]) / len(tasks)).backward()
 
